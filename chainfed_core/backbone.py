@@ -1,0 +1,238 @@
+"""A transformer split into the three pieces chain training needs: embeddings, layers, head.
+
+Chain optimization runs a model one layer at a time: the frozen prefix forward only, the
+window with gradients, the rest not at all. :class:`Backbone` gives every supported
+family (BERT/MiniLM, DistilBERT, RoBERTa, MPNet encoders with a classification head;
+LLaMA decoders with the LM head) the same three calls:
+
+    hidden, ctx = bb.embed(batch)          # (B, T, H) and the per-batch layer context
+    hidden = bb.run_layer(i, hidden, ctx)  # one transformer layer (+ its adapter, if any)
+    loss, logits = bb.head_loss(hidden, batch, ctx)
+
+The HF model object itself is used unchanged (its modules and weights); only the loop
+over layers is ours. ``Backbone.residency`` is the hook the layer store uses to
+materialise a layer just before it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import Adapter, inject_adapters, get_adapters
+from .config import FAMILIES, AdapterConfig, ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class Residency(Protocol):
+    """Called around each layer's use; the in-memory default does nothing."""
+
+    def ensure(self, index: int) -> None: ...
+
+
+class _AlwaysResident:
+    def ensure(self, index: int) -> None:
+        return None
+
+
+@dataclass
+class LayerContext:
+    """What every layer of a batch needs besides the hidden states."""
+    attention_mask: torch.Tensor                 # (B, T) 1 for real tokens
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Family:
+    """Where a family keeps its pieces, by attribute path on the HF model."""
+    base: str                  # attribute of the base model inside the task model
+    layers: str                # layer list, relative to base
+    head: tuple[str, ...]      # trainable head modules, relative to the task model
+    causal_lm: bool = False
+
+
+_FAMILIES: dict[str, _Family] = {
+    "bert": _Family("bert", "encoder.layer", ("bert.pooler", "classifier")),
+    "roberta": _Family("roberta", "encoder.layer", ("classifier",)),
+    "mpnet": _Family("mpnet", "encoder.layer", ("classifier",)),
+    "distilbert": _Family("distilbert", "transformer.layer", ("pre_classifier", "classifier")),
+    "llama": _Family("model", "layers", (), causal_lm=True),
+}
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Backbone:
+    """A HF task model viewed as embeddings -> layers[0..L-1] -> head."""
+
+    def __init__(self, model: nn.Module, family: str):
+        if family not in _FAMILIES:
+            raise ValueError(f"ModelConfig.family: {family!r} is not one of {list(FAMILIES)}")
+        self.model = model
+        self.family = family
+        self.spec = _FAMILIES[family]
+        self.base = _attr(model, self.spec.base)
+        self.layers: nn.ModuleList = _attr(self.base, self.spec.layers)
+        self.config = model.config
+        self.hidden_size = int(getattr(model.config, "hidden_size", None) or model.config.dim)
+        self.residency: Residency = _AlwaysResident()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.spec.causal_lm
+
+    def head_modules(self) -> list[nn.Module]:
+        """Modules trained alongside the adapters (classifier heads; none for an LM head)."""
+        return [_attr(self.model, p) for p in self.spec.head if _attr(self.model, p) is not None]
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {f"head.{path}.{name}": p.detach().clone()
+                for path in self.spec.head if _attr(self.model, path) is not None
+                for name, p in _attr(self.model, path).named_parameters()}
+
+    def head_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"head.{path}.{name}": p
+                for path in self.spec.head if _attr(self.model, path) is not None
+                for name, p in _attr(self.model, path).named_parameters()}
+
+    def add_adapters(self, config: AdapterConfig, indices: list[int] | None = None) -> nn.ModuleDict:
+        return inject_adapters(self.model, self.layers, self.hidden_size, config, indices)
+
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        return get_adapters(self.model)
+
+    def adapter(self, index: int) -> Adapter | None:
+        adapters = getattr(self.model, "chainfed_adapters", None)
+        if adapters is None or str(index) not in adapters:
+            return None
+        return adapters[str(index)]
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, LayerContext]:
+        """Embedding output (B, T, H) and the context every layer of this batch needs."""
+        ids = batch["input_ids"]
+        if self.family == "llama":
+            hidden = self.base.embed_tokens(ids)
+        elif self.family == "bert":
+            hidden = self.base.embeddings(input_ids=ids, token_type_ids=batch.get("token_type_ids"))
+        else:
+            hidden = self.base.embeddings(input_ids=ids)
+        return hidden, self.context(batch, hidden)
+
+    def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> LayerContext:
+        """Masks and position terms for a batch, rebuilt from the batch alone (cheap)."""
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        mask2d = batch["attention_mask"]
+        if self.family == "llama":
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d,
+                                      past_key_values=None, position_ids=position_ids)
+            rotary = self.base.rotary_emb(hidden, position_ids=position_ids)
+            kwargs = {"attention_mask": mask, "position_embeddings": rotary, "position_ids": position_ids}
+        else:
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d)
+            kwargs = {"attention_mask": mask}
+            if self.family == "mpnet":
+                kwargs["position_bias"] = self.base.encoder.compute_position_bias(hidden)
+        return LayerContext(attention_mask=mask2d, layer_kwargs=kwargs)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """One transformer layer, followed by its adapter if one is injected."""
+        self.residency.ensure(index)
+        out = self.layers[index](hidden, **ctx.layer_kwargs)
+        return out[0] if isinstance(out, tuple) else out   # (B, T, H)
+
+    def run_layers(self, indices, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        for i in indices:
+            hidden = self.run_layer(i, hidden, ctx)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Head on hidden states of any depth: (B, K) for classifiers, (B, T, V) for LMs."""
+        m = self.model
+        if self.family == "llama":
+            return m.lm_head(self.base.norm(hidden))
+        if self.family == "bert":
+            pooled = self.base.pooler(hidden)                 # (B, H) from [CLS]
+            return m.classifier(m.dropout(pooled))
+        if self.family == "distilbert":
+            pooled = F.relu(m.pre_classifier(hidden[:, 0]))   # (B, H)
+            return m.classifier(m.dropout(pooled))
+        return m.classifier(hidden)                           # roberta / mpnet take <s> inside
+
+    def head_loss(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
+                  ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task loss of the head applied to ``hidden``: cross-entropy, shifted for LMs."""
+        logits = self.logits(hidden, ctx)
+        if self.is_causal_lm:
+            labels = batch.get("lm_labels")   # (B, T) with IGNORE_INDEX on prompt/pad tokens
+            if labels is None:
+                labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        else:
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+        return loss, logits
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """End-to-end logits through every layer (evaluation, end-to-end baselines)."""
+        hidden, ctx = self.embed(batch)
+        hidden = self.run_layers(range(self.num_layers), hidden, ctx)
+        return self.logits(hidden, ctx)
+
+
+def detect_family(config) -> str:
+    family = getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"ModelConfig.family: model_type {family!r} is not one of {list(FAMILIES)}")
+    return family
+
+
+def from_model(model: nn.Module, family: str | None = None) -> Backbone:
+    """Wrap an already built HF model (eval mode: the frozen base runs without dropout)."""
+    model.eval()
+    return Backbone(model, family or detect_family(model.config))
+
+
+def load_backbone(config: ModelConfig, num_labels: int | None = None) -> Backbone:
+    """Load a model by asset name or local folder through ``from_pretrained``.
+
+    Encoders load as ``AutoModelForSequenceClassification`` with ``num_labels`` classes;
+    LLaMA loads as ``AutoModelForCausalLM``. The frozen base is cast to ``config.dtype``;
+    heads stay float32.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .assets import model_path
+
+    path = Path(model_path(config.name))
+    hf_config = AutoConfig.from_pretrained(path)
+    family = config.family or detect_family(hf_config)
+    dtype = getattr(torch, config.dtype)
+    if _FAMILIES[family].causal_lm:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        if num_labels is None:
+            raise ValueError("num_labels is required for a classification model")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    bb = from_model(model, family)
+    for module in bb.head_modules():
+        module.float()
+    return bb

@@ -1,0 +1,237 @@
+"""Local training of one client: the window's adapters (and the head), one explicit loop.
+
+A :class:`TrainPlan` says which layers are frozen (forward only, under ``no_grad``),
+which train, and which are idle (never run). :func:`plan_for` derives it from the method
+and the chain stage, so every baseline runs through the same loop:
+
+    chainfed        frozen [0, p), training [p, p+W), idle [p+W, L), GPO weight lambda
+    full_adapters   every adapter trains, end to end
+    linear_probe    every layer frozen, the head trains
+    no_ft           nothing trains
+    fft             every layer's own weights train (full fine-tuning), end to end
+
+Only the tensors a plan trains are exchanged, as a plain ``dict[str, Tensor]`` with keys
+``adapters.<i>.<param>``, ``head.<module>.<param>`` and (FFT) ``layers.<i>.<param>``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, LayerContext
+from .config import TrainConfig
+from .gpo import gpo_loss
+from .schedule import Stage
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    frozen: range
+    training: range
+    idle: range
+    lam: float = 0.0
+    train_head: bool = True
+    train_base: bool = False
+
+    @property
+    def trains_anything(self) -> bool:
+        return self.train_head or len(self.training) > 0
+
+
+def plan_for(method: str, num_layers: int, stage: Stage | None = None, lam: float = 0.0,
+             train_head: bool = True) -> TrainPlan:
+    """The plan of a method at a chain stage (``stage`` is needed for chainfed only)."""
+    everything, nothing = range(0, num_layers), range(num_layers, num_layers)
+    if method == "chainfed":
+        if stage is None:
+            raise ValueError("chainfed needs the chain stage of the round")
+        return TrainPlan(stage.frozen, stage.training, stage.idle, lam=lam, train_head=train_head)
+    if method == "full_adapters":
+        return TrainPlan(range(0, 0), everything, nothing, train_head=train_head)
+    if method == "fft":
+        return TrainPlan(range(0, 0), everything, nothing, train_head=train_head, train_base=True)
+    if method == "linear_probe":
+        return TrainPlan(everything, nothing, nothing, train_head=train_head)
+    if method == "no_ft":
+        return TrainPlan(everything, nothing, nothing, train_head=False)
+    raise ValueError(f"RunConfig.method: unknown method {method!r}")
+
+
+# ---------------------------------------------------------------------- exchanged tensors
+def named_tensors(backbone: Backbone) -> dict[str, nn.Parameter]:
+    """Every tensor a plan may train or exchange, under its exchange name."""
+    named = {}
+    adapters = getattr(backbone.model, "chainfed_adapters", None)
+    if adapters is not None:
+        named.update({f"adapters.{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()})
+    named.update(backbone.head_parameters())
+    named.update({f"layers.{i}.{n}": p for i, layer in enumerate(backbone.layers)
+                  for n, p in layer.named_parameters()})
+    return named
+
+
+def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
+    names = []
+    for i in plan.training:
+        if plan.train_base:
+            names += [f"layers.{i}.{n}" for n, _ in backbone.layers[i].named_parameters()]
+        elif backbone.adapter(i) is not None:
+            names += [f"adapters.{i}.{n}" for n, _ in backbone.adapter(i).named_parameters()]
+    if plan.train_head:
+        names += list(backbone.head_parameters())
+    return names
+
+
+def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    tensors = named_tensors(backbone)
+    return {n: tensors[n].detach().clone() for n in names}
+
+
+def set_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
+    tensors = named_tensors(backbone)
+    unknown = sorted(set(state) - set(tensors))
+    if unknown:
+        raise KeyError(f"unknown tensors in state: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            tensors[name].copy_(value)
+
+
+# ---------------------------------------------------------------------- batches
+def batches(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, pad_id: int = 0) -> Iterator[dict]:
+    """Mini-batches of a tokenized dataset (columns input_ids, attention_mask, label),
+    right-padded and trimmed to the longest real sequence in the batch."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        rows = dataset[order[start:start + batch_size].tolist()]
+        yield collate(rows, pad_id)
+
+
+def collate(rows: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    ids, masks = rows["input_ids"], rows["attention_mask"]
+    longest = max(int(sum(m)) if not torch.is_tensor(m) else int(m.sum()) for m in masks)
+    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)     # (B, T)
+    attention = torch.zeros((len(ids), longest), dtype=torch.long)           # (B, T)
+    for row, (x, m) in enumerate(zip(ids, masks)):
+        x = torch.as_tensor(x)[:longest]
+        m = torch.as_tensor(m)[:longest]
+        input_ids[row, :len(x)] = x
+        attention[row, :len(m)] = m
+    batch = {"input_ids": input_ids.masked_fill(attention == 0, pad_id), "attention_mask": attention}
+    if "label" in rows:
+        batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class LocalResult:
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    steps: int
+    loss: float
+    accuracy: float
+    seconds: float
+    history: list[float] = field(default_factory=list)
+
+
+Prefix = Callable[[dict], tuple[torch.Tensor, LayerContext]]
+
+
+def frozen_prefix(backbone: Backbone, plan: TrainPlan) -> Prefix:
+    """Embeddings and frozen layers, forward only: activations are freed layer by layer."""
+    def run(batch: dict) -> tuple[torch.Tensor, LayerContext]:
+        with torch.no_grad():
+            hidden, ctx = backbone.embed(batch)
+            hidden = backbone.run_layers(plan.frozen, hidden, ctx)
+        return hidden, ctx
+    return run
+
+
+def _set_trainable(backbone: Backbone, names: list[str]) -> list[nn.Parameter]:
+    tensors = named_tensors(backbone)
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    params = [tensors[n] for n in names]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, *, seed: int = 0,
+                prefix: Prefix | None = None, pad_id: int = 0) -> LocalResult:
+    """Train the plan's tensors on one client's data; return them and the metrics.
+
+    ``prefix`` computes the window's input for a batch; the default runs the embeddings and
+    the frozen layers under ``no_grad``. The activation cache passes its own.
+    """
+    names = trainable_names(backbone, plan)
+    started = time.perf_counter()
+    if not names:
+        return LocalResult({}, len(dataset), 0, math.nan, math.nan, 0.0)
+    params = _set_trainable(backbone, names)
+    optimizer = _optimizer(params, cfg)
+    prefix = prefix or frozen_prefix(backbone, plan)
+    subsequent = list(plan.idle)
+    losses, correct, seen, steps = [], 0, 0, 0
+    try:
+        for epoch in range(cfg.local_epochs):
+            for batch in batches(dataset, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, pad_id=pad_id):
+                hidden, ctx = prefix(batch)
+                hidden = backbone.run_layers(plan.training, hidden, ctx)
+                out = gpo_loss(backbone, hidden, batch, ctx, subsequent, plan.lam)
+                optimizer.zero_grad(set_to_none=True)
+                out.total.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                losses.append(float(out.total))
+                if not backbone.is_causal_lm:
+                    correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                    seen += len(batch["labels"])
+                steps += 1
+                if cfg.local_steps is not None and steps >= cfg.local_steps:
+                    break
+            if cfg.local_steps is not None and steps >= cfg.local_steps:
+                break
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    return LocalResult(state=get_state(backbone, names), num_examples=len(dataset), steps=steps,
+                       loss=sum(losses) / len(losses), accuracy=correct / seen if seen else math.nan,
+                       seconds=time.perf_counter() - started, history=losses)
+
+
+@torch.no_grad()
+def evaluate(backbone: Backbone, dataset, batch_size: int = 64, pad_id: int = 0) -> dict[str, float]:
+    """End-to-end loss and accuracy (classification) or loss and perplexity (LM)."""
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in batches(dataset, batch_size, shuffle=False, pad_id=pad_id):
+        hidden, ctx = backbone.embed(batch)
+        hidden = backbone.run_layers(range(backbone.num_layers), hidden, ctx)
+        loss, logits = backbone.head_loss(hidden, batch, ctx)
+        n = len(batch["input_ids"])
+        total_loss += float(loss) * n
+        count += n
+        if not backbone.is_causal_lm:
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    metrics = {"loss": total_loss / count}
+    if backbone.is_causal_lm:
+        metrics["perplexity"] = math.exp(metrics["loss"])
+    else:
+        metrics["accuracy"] = correct / count
+    return metrics
