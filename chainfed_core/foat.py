@@ -87,3 +87,23 @@ def start_layer(scores: Sequence[float], tau: float) -> int:
         if s < tau:
             return i
     return len(scores) - 1
+
+
+@torch.no_grad()
+def profile_client(backbone, batch: dict[str, torch.Tensor], block_size: int = 1) -> list[float]:
+    """CKA score of every layer's output against the input representation, on one batch.
+
+    Layers run block by block: after each block only the current hidden states and the
+    input token matrix are kept, and the backbone's residency hook is asked for the layers
+    of the block alone, so a streamed model holds ``block_size`` layers at a time.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    hidden, ctx = backbone.embed(batch)
+    reference = token_matrix(hidden, ctx.attention_mask)   # (n_tokens, H)
+    scores = []
+    for begin in range(0, backbone.num_layers, block_size):
+        for i in range(begin, min(begin + block_size, backbone.num_layers)):
+            hidden = backbone.run_layer(i, hidden, ctx)
+            scores.append(linear_cka(reference, token_matrix(hidden, ctx.attention_mask)))
+    return scores
