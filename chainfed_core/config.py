@@ -199,6 +199,9 @@ class FedConfig(_Config):
     memory_aware: bool = _help("Sample only clients whose capacity covers the method's peak memory.", True)
     failure_rate: float = _help("Injected client failure probability (tests).", 0.0)
     client_timeout_s: Optional[float] = _help("Drop a client whose local training exceeds this many seconds.", None)
+    memory_scale: Optional[float] = _help("Bytes per GB of device capacity; None: scale so the largest device "
+                                          "(12 GB) just holds end-to-end adapter tuning of this model.", None)
+    window_from_memory: bool = _help("Set the chain window W from the smallest eligible device (paper D.3).", False)
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -209,6 +212,10 @@ class FedConfig(_Config):
             _fail("FedConfig", "eval_every", f"must be >= 1, got {self.eval_every}")
         if not 0.0 <= self.failure_rate < 1.0:
             _fail("FedConfig", "failure_rate", f"must lie in [0, 1), got {self.failure_rate}")
+        if self.client_timeout_s is not None and self.client_timeout_s <= 0:
+            _fail("FedConfig", "client_timeout_s", f"must be > 0 or None, got {self.client_timeout_s}")
+        if self.memory_scale is not None and self.memory_scale <= 0:
+            _fail("FedConfig", "memory_scale", f"must be > 0 or None, got {self.memory_scale}")
 
 
 @dataclass

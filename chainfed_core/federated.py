@@ -1,0 +1,590 @@
+"""The federated runtime: an in-process simulator of N memory-heterogeneous clients.
+
+One run, top to bottom (:func:`run`):
+
+1. Population: N clients, each a partition of the training set (index ranges of one
+   array, so memory does not grow with N) and a device memory capacity drawn from a
+   profile as a pure function of (seed, client id).
+2. Eligibility: the method's peak training memory (:func:`peak_training_bytes`) decides
+   which devices can take part; with ``fed.window_from_memory`` the chain window W is the
+   widest the smallest eligible device can hold (paper D.3).
+3. FOAT (chainfed, unless ``chain.start_layer`` is set): sampled clients profile one batch,
+   the server averages the layer scores and picks the chain's start layer.
+4. Rounds: sample K eligible clients, send each the window (and any tensor it has not seen
+   since its last round), train locally, FedAvg the window, evaluate every ``eval_every``.
+
+Every random choice is a pure function of (seed, round, client id), and the server state is
+checkpointed atomically after every round, so a killed run restarted with the same command
+ends bitwise identical to an uninterrupted one. :class:`Server` holds the schedule and the
+aggregation; the Flower strategy (``chainfed_core.flower``) drives the same object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import foat
+from .aggregation import fedavg, merge, stale_names, state_bytes
+from .backbone import Backbone
+from .config import RunConfig
+from .records import RECORD_FILE, atomic_write_bytes, atomic_write_json, make_record
+from .schedule import stage_at
+from .train import batches, evaluate, get_state, plan_for, set_state, train_local, trainable_names
+
+GB = 2 ** 30
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+
+# Device memory profiles in GB. "paper": phone/Jetson-class tiers of about 4-12 GB.
+PROFILES = {"paper": (np.array([4.0, 6.0, 8.0, 12.0]), np.array([0.3, 0.3, 0.25, 0.15])),
+            "uniform": (np.array([4.0, 12.0]), None)}
+LARGEST_DEVICE_GB = 12.0
+
+# Stream tags keep the pure random functions of different purposes apart.
+_CAPACITY, _FAILURE, _TRAIN, _SAMPLE, _FOAT, _PARTITION = range(6)
+
+
+# ---------------------------------------------------------------------- pure randomness
+def _mix(*keys) -> np.ndarray:
+    """splitmix64 of a tuple of non-negative integers (broadcast over arrays): uint64."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for k in keys:
+            h = h ^ (np.asarray(k, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = h ^ (h >> np.uint64(31))
+    return h
+
+
+def _unit(*keys) -> np.ndarray:
+    """Uniform in [0, 1) as a pure function of ``keys``."""
+    return (_mix(*keys) >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+
+
+def client_seed(seed: int, round_index: int, client_id: int) -> int:
+    """Local training seed of a client in a round."""
+    return int(_mix(seed, _TRAIN, round_index, client_id) % np.uint64(2 ** 31 - 1))
+
+
+def injected_failure(seed: int, round_index: int, client_id: int, rate: float) -> bool:
+    return rate > 0 and float(_unit(seed, _FAILURE, round_index, client_id)) < rate
+
+
+def sample_clients(seed: int, round_index: int, eligible: np.ndarray, k: int, tag: int = _SAMPLE) -> list[int]:
+    """K distinct client ids from ``eligible``, a pure function of (seed, round)."""
+    rng = np.random.default_rng([seed, tag, round_index])
+    return sorted(int(c) for c in rng.choice(eligible, size=k, replace=False))
+
+
+def device_capacity_gb(seed: int, client_ids, profile: str) -> np.ndarray:
+    """Device memory (GB) of each client id, drawn from ``profile`` by (seed, id) alone."""
+    u = _unit(seed, _CAPACITY, np.asarray(client_ids))
+    tiers, probs = PROFILES[profile]
+    if probs is None:
+        return tiers[0] + u * (tiers[1] - tiers[0])
+    return tiers[np.searchsorted(np.cumsum(probs), u, side="right").clip(max=len(tiers) - 1)]
+
+
+# ---------------------------------------------------------------------- partitions
+@dataclass
+class Partition:
+    """Client k holds train rows ``order[offsets[k]:offsets[k+1]]`` (one array for all N)."""
+    order: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.offsets) - 1
+
+    def indices(self, client_id: int) -> np.ndarray:
+        return self.order[self.offsets[client_id]:self.offsets[client_id + 1]]
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, alpha: float,
+                      min_size: int, seed: int, max_tries: int = 100) -> Partition:
+    """IID or label-Dirichlet(alpha) split of example indices over clients."""
+    n = len(labels)
+    if n < num_clients * min_size:
+        raise ValueError(f"DataConfig.num_clients: {num_clients} clients x min_partition_size {min_size} "
+                         f"needs {num_clients * min_size} train examples, the data has {n}")
+    rng = np.random.default_rng([seed, _PARTITION])
+    if scheme == "iid":
+        sizes = np.full(num_clients, n // num_clients)
+        sizes[: n % num_clients] += 1
+        return Partition(rng.permutation(n), np.concatenate([[0], np.cumsum(sizes)]))
+    if alpha <= 0:
+        raise ValueError(f"DataConfig.alpha: Dirichlet alpha must be > 0, got {alpha}")
+    for _ in range(max_tries):
+        owner = np.empty(n, dtype=np.int64)
+        for c in np.unique(labels):
+            rows = rng.permutation(np.flatnonzero(labels == c))
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            counts = np.diff(np.round(np.cumsum(np.concatenate([[0.0], shares])) * len(rows)).astype(np.int64))
+            owner[rows] = np.repeat(np.arange(num_clients), counts)
+        sizes = np.bincount(owner, minlength=num_clients)
+        if sizes.min() >= min_size:
+            return Partition(np.argsort(owner, kind="stable"), np.concatenate([[0], np.cumsum(sizes)]))
+    raise ValueError(f"DataConfig.min_partition_size: no Dirichlet(alpha={alpha}) split over {num_clients} "
+                     f"clients gave every client >= {min_size} examples in {max_tries} tries")
+
+
+# ---------------------------------------------------------------------- memory estimate
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden: int
+    heads: int
+    embed_bytes: int
+    layer_bytes: int
+    head_bytes: int
+    adapter_bytes: int    # one layer's adapter
+
+
+def model_shape(backbone: Backbone) -> ModelShape:
+    def nbytes(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+    layer_ids = {id(p) for layer in backbone.layers for p in layer.parameters()}
+    head_ids = {id(p) for p in backbone.head_parameters().values()}
+    adapters = getattr(backbone.model, "chainfed_adapters", None)
+    adapter_ids = {id(p) for p in adapters.parameters()} if adapters is not None else set()
+    rest = [p for p in backbone.model.parameters() if id(p) not in layer_ids | head_ids | adapter_ids]
+    first_adapter = next(iter(adapters.values())) if adapters else None
+    return ModelShape(num_layers=backbone.num_layers, hidden=backbone.hidden_size,
+                      heads=int(getattr(backbone.config, "num_attention_heads", None) or backbone.config.n_heads),
+                      embed_bytes=nbytes(rest), layer_bytes=nbytes(backbone.layers[0].parameters()),
+                      head_bytes=nbytes(backbone.head_parameters().values()),
+                      adapter_bytes=nbytes(first_adapter.parameters()) if first_adapter is not None else 0)
+
+
+def peak_training_bytes(method: str, shape: ModelShape, window: int, batch_size: int, seq_len: int,
+                        optimizer: str = "sgd") -> int:
+    """Rough peak memory of local training (weights + saved activations + optimizer state).
+
+    A stand-in for ``chainfed_core.memory`` behind one function. Chainfed keeps the window
+    and one streamed frozen layer resident and saves activations for the window alone;
+    end-to-end methods keep every layer and save activations for all of them.
+    """
+    L, states = shape.num_layers, (2 if optimizer == "sgd" else 3)   # grad + momentum (+ 2nd moment)
+    saved = 4 * batch_size * seq_len * (18 * shape.hidden + 3 * shape.heads * seq_len)   # one layer, backprop
+    live = 4 * batch_size * seq_len * shape.hidden * 4                                 # one layer, forward only
+    all_weights = shape.embed_bytes + shape.head_bytes + L * (shape.layer_bytes + shape.adapter_bytes)
+    head = states * shape.head_bytes
+    if method == "chainfed":
+        w = min(window, L)
+        resident = shape.embed_bytes + shape.head_bytes + (w + 1) * shape.layer_bytes + L * shape.adapter_bytes
+        return resident + w * (saved + states * shape.adapter_bytes) + head
+    if method == "full_adapters":
+        return all_weights + L * (saved + states * shape.adapter_bytes) + head
+    if method == "fft":
+        return all_weights + L * (saved + states * shape.layer_bytes) + head
+    if method == "linear_probe":
+        return all_weights + live + head
+    if method == "no_ft":
+        return all_weights + live
+    raise ValueError(f"RunConfig.method: unknown method {method!r}")
+
+
+# ---------------------------------------------------------------------- task: model and data
+@dataclass
+class Task:
+    """What every client and the server build the same way from the config."""
+    make_backbone: Callable[[], Backbone]   # fresh model with adapters, seeded
+    train: Any                              # tokenized datasets.Dataset
+    test: Any
+    num_labels: int
+    pad_id: int = 0
+
+
+def synthetic_dataset(n: int, num_labels: int = 3, seq_len: int = 12, seed: int = 0):
+    """A learnable tokenized toy task: the label is the vocabulary third most tokens fall in."""
+    from datasets import Dataset
+    from .tiny import VOCAB
+
+    rng = np.random.default_rng([seed, n])
+    labels = rng.integers(0, num_labels, n)
+    band = (VOCAB - 5) // num_labels
+    lo = 5 + labels[:, None] * band
+    ids = np.where(rng.random((n, seq_len)) < 0.6, rng.integers(0, band, (n, seq_len)) + lo,
+                   rng.integers(5, VOCAB, (n, seq_len)))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(),
+                              "label": labels.tolist()})
+
+
+def _tiny_spec(name: str) -> dict:
+    """``tiny-<family>[-L<layers>][-H<hidden>]`` -> tiny_backbone kwargs."""
+    parts = name.split("-")
+    spec = {"family": parts[1] if len(parts) > 1 else "bert", "num_layers": 4, "hidden": 32}
+    for p in parts[2:]:
+        key = {"L": "num_layers", "H": "hidden"}.get(p[:1])
+        if key is None or not p[1:].isdigit():
+            raise ValueError(f"ModelConfig.name: {name!r} is not tiny-<family>[-L<layers>][-H<hidden>]")
+        spec[key] = int(p[1:])
+    return spec
+
+
+def build_task(config: RunConfig) -> Task:
+    """Model factory and tokenized train/test splits for ``config``.
+
+    ``model.name = "tiny-<family>[-L4][-H32]"`` and ``data.dataset = "synthetic"`` give the
+    CPU-sized toy task used by tests and quick runs; anything else goes through
+    ``chainfed_core.data`` and ``chainfed_core.backbone.load_backbone``.
+    """
+    cfg = config
+    if cfg.data.dataset == "synthetic":
+        num_labels = 3
+        train = synthetic_dataset(cfg.data.max_train_examples or 512, num_labels, seed=cfg.seed)
+        test = synthetic_dataset(cfg.data.max_test_examples or 128, num_labels, seed=cfg.seed + 10 ** 6)
+        pad_id = 0
+    else:
+        from transformers import AutoTokenizer
+
+        from . import data
+        from .assets import model_path
+
+        splits = data.load_dataset(cfg.data.dataset, seed=cfg.seed, test_fraction=cfg.data.test_fraction,
+                                   max_train=cfg.data.max_train_examples, max_test=cfg.data.max_test_examples)
+        tokenizer = AutoTokenizer.from_pretrained(model_path(cfg.model.name))
+        splits = data.tokenize(splits, tokenizer, cfg.model.max_length)
+        train, test = splits["train"], splits["test"]
+        num_labels = int(max(train["label"])) + 1
+        pad_id = tokenizer.pad_token_id or 0
+
+    def make_backbone() -> Backbone:
+        torch.manual_seed(cfg.seed)
+        if cfg.model.name.startswith("tiny"):
+            from .tiny import tiny_backbone
+            bb = tiny_backbone(num_labels=num_labels, seed=cfg.seed, **_tiny_spec(cfg.model.name))
+        else:
+            from .backbone import load_backbone
+            bb = load_backbone(cfg.model, num_labels)
+        if cfg.method in ("chainfed", "full_adapters"):
+            torch.manual_seed(cfg.seed)
+            bb.add_adapters(cfg.adapter)
+        return bb
+
+    return Task(make_backbone, train, test, num_labels, pad_id)
+
+
+# ---------------------------------------------------------------------- one client
+class InjectedFailure(RuntimeError):
+    """A failure injected by ``fed.failure_rate``."""
+
+
+def client_update(backbone: Backbone, config: RunConfig, dataset, plan, state: dict[str, torch.Tensor],
+                  round_index: int, client_id: int, pad_id: int = 0):
+    """One client's round: load ``state``, train the plan's tensors, return the LocalResult.
+
+    Raises :class:`InjectedFailure` when the failure injection picks this (round, client).
+    """
+    if injected_failure(config.seed, round_index, client_id, config.fed.failure_rate):
+        raise InjectedFailure(f"injected failure (rate {config.fed.failure_rate})")
+    set_state(backbone, state)
+    seed = client_seed(config.seed, round_index, client_id)
+    torch.manual_seed(seed)
+    return train_local(backbone, dataset, plan, config.train, seed=seed, pad_id=pad_id)
+
+
+def client_profile(backbone: Backbone, config: RunConfig, dataset, pad_id: int = 0) -> list[float]:
+    """FOAT on a client: CKA scores of every layer on its first local batch."""
+    batch = next(batches(dataset, min(config.chain.foat_batch_size, len(dataset)), shuffle=True,
+                         seed=config.seed, pad_id=pad_id))
+    return foat.profile_client(backbone, batch)
+
+
+# ---------------------------------------------------------------------- the server
+def exchanged_names(backbone: Backbone, method: str) -> list[str]:
+    """Every tensor ``method`` can train at some round: the global state the server keeps."""
+    widest = "full_adapters" if method == "chainfed" else method
+    return trainable_names(backbone, plan_for(widest, backbone.num_layers))
+
+
+class Server:
+    """Schedule, client selection, downlink and FedAvg of the window; checkpointable.
+
+    ``capacity_gb[k]`` is client k's device memory. The simulator and the Flower strategy
+    both call :meth:`foat_clients`/:meth:`set_start`, then per round :meth:`plan`,
+    :meth:`round_clients`, :meth:`downlink` and :meth:`aggregate`.
+    """
+
+    def __init__(self, config: RunConfig, backbone: Backbone, capacity_gb: np.ndarray, seq_len: int):
+        self.config = config
+        cfg, L = config, backbone.num_layers
+        self.num_layers = L
+        self.shape = model_shape(backbone)
+        peak = lambda method, w: peak_training_bytes(method, self.shape, w, cfg.train.batch_size, seq_len,  # noqa: E731
+                                                     cfg.train.optimizer)
+        self.bytes_per_gb = cfg.fed.memory_scale or peak("full_adapters", L) / LARGEST_DEVICE_GB
+        capacity = np.asarray(capacity_gb, dtype=np.float64) * self.bytes_per_gb
+        window = cfg.chain.window
+        if cfg.method == "chainfed" and cfg.fed.window_from_memory:
+            fits_one = capacity[capacity >= peak("chainfed", 1)]
+            if len(fits_one):
+                smallest = fits_one.min()
+                window = max(w for w in range(1, L + 1) if w == 1 or peak("chainfed", w) <= smallest)
+        cfg.chain.replace(window=window).validate_for(L)
+        self.window = window
+        self.need_bytes = peak(cfg.method, window)
+        fits = capacity >= self.need_bytes
+        if not fits.any():
+            raise ValueError(f"RunConfig.method: no client can fit {cfg.method!r}: it needs "
+                             f"{self.need_bytes / self.bytes_per_gb:.2f} GB-equivalent, the largest device has "
+                             f"{capacity.max() / self.bytes_per_gb:.2f} GB")
+        self.eligible = np.flatnonzero(fits) if cfg.fed.memory_aware else np.arange(len(capacity))
+        if cfg.fed.clients_per_round > len(self.eligible):
+            raise ValueError(f"FedConfig.clients_per_round: K={cfg.fed.clients_per_round} exceeds the "
+                             f"{len(self.eligible)} eligible clients (of {len(capacity)}; method {cfg.method!r} "
+                             f"needs {self.need_bytes / self.bytes_per_gb:.2f} GB-equivalent)")
+        self.state: dict[str, Any] = {
+            "round": 0, "start_layer": cfg.chain.start_layer if cfg.method == "chainfed" else 0,
+            "foat_scores": None, "global": get_state(backbone, exchanged_names(backbone, cfg.method)),
+            "versions": {}, "last_sync": {}, "history": [], "failures": [],
+        }
+        self._backbone = backbone
+
+    # -- FOAT
+    @property
+    def needs_foat(self) -> bool:
+        return self.state["start_layer"] is None
+
+    def foat_clients(self) -> list[int]:
+        k = min(self.config.fed.clients_per_round, len(self.eligible))
+        return sample_clients(self.config.seed, 0, self.eligible, k, tag=_FOAT)
+
+    def set_start(self, client_scores: list[list[float]], weights: list[float]) -> int:
+        scores = foat.aggregate_scores(client_scores, weights)
+        tau = self.config.chain.resolved_tau(self._backbone.family)
+        self.state["foat_scores"] = scores.tolist()
+        self.state["start_layer"] = foat.start_layer(scores, tau)
+        return self.state["start_layer"]
+
+    # -- rounds
+    def plan(self, round_index: int):
+        cfg = self.config
+        stage = None
+        if cfg.method == "chainfed":
+            stage = stage_at(round_index, self.num_layers, self.state["start_layer"], self.window, cfg.chain.passes)
+        return plan_for(cfg.method, self.num_layers, stage, cfg.chain.resolved_lambda(self._backbone.family))
+
+    def round_clients(self, round_index: int) -> list[int]:
+        return sample_clients(self.config.seed, round_index, self.eligible, self.config.fed.clients_per_round)
+
+    def window_names(self, plan) -> list[str]:
+        return [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
+
+    def downlink(self, round_index: int, client_id: int, plan) -> tuple[dict, dict]:
+        """(window tensors, context tensors the client has not seen since its last round)."""
+        g = self.state["global"]
+        window = self.window_names(plan)
+        others = [n for n in g if n not in set(window)]
+        context = stale_names(others, self.state["versions"], self.state["last_sync"].get(client_id, -1))
+        self.state["last_sync"][client_id] = round_index
+        return {n: g[n] for n in window}, {n: g[n] for n in context}
+
+    def aggregate(self, round_index: int, updates: list[tuple[dict, int]]) -> dict:
+        """FedAvg the window into the global state; returns the averaged tensors."""
+        if not updates or not updates[0][0]:
+            return {}
+        avg = fedavg(updates)
+        self.state["global"] = merge(self.state["global"], avg)
+        for n in avg:
+            self.state["versions"][n] = round_index
+        return avg
+
+    # -- checkpoint
+    def checkpoint_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({**self.state, "config": self.config.to_dict(), "window": self.window,
+                    "torch_rng": torch.get_rng_state()}, buf)
+        return buf.getvalue()
+
+    def restore(self, path: Path) -> None:
+        saved = torch.load(path, weights_only=False)
+        if saved.pop("config") != self.config.to_dict():
+            raise ValueError(f"{path} holds a run with a different config; use a fresh out_dir")
+        torch.set_rng_state(saved.pop("torch_rng"))
+        saved.pop("window")
+        self.state = saved
+
+
+# ---------------------------------------------------------------------- the simulator
+class Population:
+    """N clients, built lazily: a partition (one index array) and a capacity per id."""
+
+    def __init__(self, config: RunConfig, train):
+        d = config.data
+        self.config = config
+        self.train = train
+        self.partition = partition_indices(np.asarray(train["label"]), d.num_clients, d.partition, d.alpha,
+                                           d.min_partition_size, config.seed)
+        self.capacity_gb = device_capacity_gb(config.seed, np.arange(d.num_clients), config.fed.memory_profile)
+
+    def data(self, client_id: int):
+        return self.train.select(self.partition.indices(client_id))
+
+    def num_examples(self, client_id: int) -> int:
+        return int(self.partition.sizes()[client_id])
+
+
+def _seq_len(dataset) -> int:
+    return int(max(sum(m) for m in dataset[: min(len(dataset), 256)]["attention_mask"]))
+
+
+def _round_metrics(round_index, plan, clients, results, failures, bytes_up, bytes_down, bytes_ctx) -> dict:
+    n = sum(r.num_examples for _, r in results)
+    mean = lambda key: (sum(getattr(r, key) * r.num_examples for _, r in results) / n  # noqa: E731
+                        if n and results[0][1].steps else math.nan)
+    return {"round": round_index, "window": [plan.training.start, plan.training.stop],
+            "clients": clients, "trained": [c for c, _ in results], "failed": [f["client"] for f in failures],
+            "num_examples": n, "train_loss": mean("loss"), "train_accuracy": mean("accuracy"),
+            "bytes_up": bytes_up, "bytes_down": bytes_down, "bytes_down_context": bytes_ctx,
+            "seconds_train": sum(r.seconds for _, r in results)}
+
+
+def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None = None) -> dict:
+    """Run (or resume) a federated experiment; return its record, also written to out_dir.
+
+    ``out_dir`` receives ``checkpoint.pt`` (server state, every round), ``metrics.jsonl``
+    (one line per round) and ``record.json`` (at the end). Rerunning the same command on
+    the same ``out_dir`` continues from the last checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config
+    task = task or build_task(cfg)
+    backbone = task.make_backbone()
+    pop = Population(cfg, task.train)
+    server = Server(cfg, backbone, pop.capacity_gb, _seq_len(task.train))
+    ckpt = out / CHECKPOINT_FILE
+    if ckpt.exists():
+        server.restore(ckpt)
+        _rewrite_metrics(out, server.state["history"])
+    elif (out / METRICS_FILE).exists():
+        (out / METRICS_FILE).unlink()
+
+    if server.needs_foat:
+        clients = server.foat_clients()
+        set_state(backbone, server.state["global"])
+        scores = [client_profile(backbone, cfg, pop.data(c), task.pad_id) for c in clients]
+        server.set_start(scores, [pop.num_examples(c) for c in clients])
+        atomic_write_bytes(ckpt, server.checkpoint_bytes())
+
+    rounds, st = cfg.fed.rounds, server.state
+    bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress,
+               desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
+    for r in bar:
+        round_started = time.perf_counter()
+        plan = server.plan(r)
+        clients = server.round_clients(r)
+        results, failures, bytes_up, bytes_down, bytes_ctx = [], [], 0, 0, 0
+        for c in clients:
+            window, context = server.downlink(r, c, plan)
+            bytes_down += state_bytes(window)
+            bytes_ctx += state_bytes(context)
+            try:
+                res = client_update(backbone, cfg, pop.data(c), plan, server.state["global"], r, c, task.pad_id)
+            except Exception as err:     # a failing client is dropped from the round, not the run
+                failures.append({"round": r, "client": c, "kind": "injected" if isinstance(err, InjectedFailure)
+                                 else "error", "message": f"{type(err).__name__}: {err}"})
+                continue
+            timeout = cfg.fed.client_timeout_s
+            if timeout is not None and res.seconds > timeout:
+                failures.append({"round": r, "client": c, "kind": "timeout",
+                                 "message": f"local training took {res.seconds:.2f} s > {timeout} s"})
+                continue
+            bytes_up += state_bytes(res.state)
+            results.append((c, res))
+        server.aggregate(r, [(res.state, res.num_examples) for _, res in results])
+        metrics = _round_metrics(r, plan, clients, results, failures, bytes_up, bytes_down, bytes_ctx)
+        metrics["skipped"] = not results
+        if not results:
+            bar.write(f"round {r}: every client failed; round skipped")
+        if (r + 1) % cfg.fed.eval_every == 0 or r == rounds - 1:
+            set_state(backbone, server.state["global"])
+            metrics.update({f"test_{k}": v for k, v in evaluate(backbone, task.test, pad_id=task.pad_id).items()})
+        metrics["seconds_round"] = time.perf_counter() - round_started
+        st = server.state
+        st["history"].append(metrics)
+        st["failures"].extend(failures)
+        st["round"] = r + 1
+        atomic_write_bytes(ckpt, server.checkpoint_bytes())
+        with open(out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
+                        acc=f"{metrics.get('test_accuracy', math.nan):.3f}")
+    bar.close()
+
+    record = make_record(cfg.to_dict(), seed=cfg.seed, wall_s=time.perf_counter() - started,
+                         history=server.state["history"], failures=server.state["failures"],
+                         start_layer=server.state["start_layer"], window=server.window,
+                         foat_scores=server.state["foat_scores"],
+                         eligible_clients=int(len(server.eligible)), num_clients=cfg.data.num_clients,
+                         need_gb=server.need_bytes / server.bytes_per_gb,
+                         final=server.state["history"][-1] if server.state["history"] else {})
+    atomic_write_json(out / RECORD_FILE, record)
+    return record
+
+
+def _rewrite_metrics(out: Path, history: list[dict]) -> None:
+    """Make metrics.jsonl agree with the checkpoint (a kill may have come between the two)."""
+    atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history).encode())
+
+
+def load_final_state(out_dir) -> dict[str, torch.Tensor]:
+    """Global tensors of a run's last checkpoint."""
+    return torch.load(Path(out_dir) / CHECKPOINT_FILE, weights_only=False)["global"]
+
+
+# ---------------------------------------------------------------------- CLI
+def config_from_args(config_path: str | None, overrides: list[str]) -> RunConfig:
+    """A RunConfig from an optional JSON file plus ``section.field=value`` overrides
+    (values parsed as JSON when they parse, else kept as strings)."""
+    data: dict[str, Any] = json.loads(Path(config_path).read_text()) if config_path else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return RunConfig.from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a federated experiment in-process (resumes from --out).")
+    parser.add_argument("--config", help="RunConfig as JSON")
+    parser.add_argument("--out", required=True, help="output folder (checkpoint, metrics.jsonl, record.json)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. fed.rounds=3")
+    args = parser.parse_args(argv)
+    record = run(config_from_args(args.config, args.overrides), args.out, progress=not args.no_progress)
+    print(json.dumps({k: record[k] for k in ("wall_s", "peak_rss_bytes", "final")}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
