@@ -1,0 +1,47 @@
+"""FedAvg of the window and payload accounting, with exact expectations."""
+
+import pytest
+import torch
+
+from chainfed_core.aggregation import fedavg, merge, stale_names, state_bytes
+
+
+def test_fedavg_equals_weighted_mean_exactly():
+    a = {"adapters.2.up.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "head.classifier.bias": torch.tensor([0.5])}
+    b = {"adapters.2.up.weight": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "head.classifier.bias": torch.tensor([1.5])}
+    c = {"adapters.2.up.weight": torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), "head.classifier.bias": torch.tensor([-0.5])}
+    out = fedavg([(a, 1), (b, 3), (c, 4)])
+    # (1*a + 3*b + 4*c) / 8
+    assert torch.equal(out["adapters.2.up.weight"], torch.tensor([[1.5, 2.5], [3.5, 3.5]]))
+    assert torch.equal(out["head.classifier.bias"], torch.tensor([0.375]))
+    assert out["adapters.2.up.weight"].dtype == torch.float32
+
+
+def test_fedavg_single_update_is_identity_and_random_matches_float64_mean():
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(7, 5, generator=g)} for _ in range(5)]
+    counts = [3, 1, 8, 2, 5]
+    assert torch.equal(fedavg([(states[0], 9)])["w"], states[0]["w"])
+    expected = sum(s["w"].double() * n for s, n in zip(states, counts)) / sum(counts)
+    assert torch.equal(fedavg(list(zip(states, counts)))["w"], expected.float())
+
+
+def test_fedavg_rejects_mismatched_or_empty_updates():
+    with pytest.raises(ValueError, match="at least one"):
+        fedavg([])
+    with pytest.raises(ValueError, match="different tensors"):
+        fedavg([({"a": torch.zeros(1)}, 1), ({"b": torch.zeros(1)}, 1)])
+    with pytest.raises(ValueError, match="positive sample count"):
+        fedavg([({"a": torch.zeros(1)}, 0)])
+
+
+def test_state_bytes_merge_and_stale_names():
+    state = {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16)}
+    assert state_bytes(state) == 3 * 4 * 4 + 5 * 2
+    merged = merge(state, {"a": torch.ones(3, 4)})
+    assert torch.equal(merged["a"], torch.ones(3, 4)) and merged["b"] is state["b"]
+    with pytest.raises(KeyError):
+        merge(state, {"c": torch.ones(1)})
+    versions = {"a": 3, "b": -1, "c": 5}
+    assert stale_names(["a", "b", "c"], versions, last_sync=-1) == ["a", "c"]
+    assert stale_names(["a", "b", "c"], versions, last_sync=3) == ["c"]

@@ -1,0 +1,153 @@
+"""The in-process federated simulator: bytes, exact resume after kill -9, faults, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chainfed_core.config import RunConfig
+from chainfed_core.federated import (CHECKPOINT_FILE, METRICS_FILE, device_capacity_gb, injected_failure,
+                                     load_final_state, partition_indices, run, sample_clients)
+from chainfed_core.records import RECORD_FILE, load_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**fed) -> dict:
+    return {"method": "chainfed", "seed": 3, "model": {"name": "tiny-bert"}, "adapter": {"bottleneck": 4},
+            "chain": {"window": 2, "start_layer": 1},
+            "data": {"dataset": "synthetic", "num_clients": 20, "max_train_examples": 200, "max_test_examples": 32},
+            "fed": {"rounds": 3, "clients_per_round": 3, "eval_every": 2, "memory_aware": False, **fed}}
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
+
+
+def test_pure_functions_of_seed_and_client():
+    a = device_capacity_gb(0, np.arange(1000), "paper")
+    assert set(np.unique(a)) <= {4.0, 6.0, 8.0, 12.0}
+    assert np.array_equal(device_capacity_gb(0, [17, 999], "paper"), a[[17, 999]])   # lazy: by id alone
+    u = device_capacity_gb(1, np.arange(1000), "uniform")
+    assert u.min() >= 4 and u.max() < 12
+    assert sample_clients(5, 2, np.arange(50), 7) == sample_clients(5, 2, np.arange(50), 7)
+    labels = np.repeat(np.arange(3), 40)
+    for scheme in ("iid", "dirichlet"):
+        p = partition_indices(labels, 10, scheme, 0.5, 2, seed=0)
+        assert sorted(np.concatenate([p.indices(k) for k in range(10)]).tolist()) == list(range(120))
+        assert p.sizes().min() >= 2
+
+
+def test_only_window_tensors_travel_and_bytes_are_counted(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config())
+    record = run(cfg, tmp_path, progress=False)
+    hidden, bottleneck, labels = 32, 4, 3
+    adapter = hidden * bottleneck + bottleneck + bottleneck * hidden + hidden
+    head = (hidden * hidden + hidden) + (hidden * labels + labels)       # bert.pooler + classifier
+    for m in record["history"]:
+        begin, end = m["window"]
+        assert end - begin == 2
+        per_client = 4 * ((end - begin) * adapter + head)
+        assert m["bytes_up"] == per_client * len(m["trained"])
+        assert m["bytes_down"] == per_client * len(m["clients"])
+    # adapters never in a window keep their seeded initial value and are never sent
+    final = load_final_state(tmp_path)
+    start = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert record["history"][0]["bytes_down_context"] == 0
+    assert set(final) == set(start["global"])
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert len(lines) == 3 and "test_accuracy" in json.loads(lines[-1])
+    frame = load_records(tmp_path)
+    assert frame.loc[0, "config.fed.rounds"] == 3 and len(frame.loc[0, "history"]) == 3
+
+
+def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
+    overrides = tiny_config(rounds=6, eval_every=2)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(overrides))
+    reference = run(RunConfig.from_dict(overrides), tmp_path / "ref", progress=False)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "chainfed_core.federated", "--config", str(cfg_file), "--out", str(out),
+           "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / METRICS_FILE
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / RECORD_FILE).exists()
+
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = json.loads((out / RECORD_FILE).read_text())
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((out / METRICS_FILE).read_text().splitlines()) == 6
+
+
+def test_injected_failures_are_dropped_and_recorded(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(rounds=4, clients_per_round=5, failure_rate=0.3))
+    record = run(cfg, tmp_path, progress=False)
+    expected = [(r, c) for m in record["history"] for r, c in [(m["round"], c) for c in m["clients"]]
+                if injected_failure(cfg.seed, r, c, 0.3)]
+    assert expected, "the seed should inject some failures"
+    assert [(f["round"], f["client"]) for f in record["failures"]] == expected
+    assert all(f["kind"] == "injected" for f in record["failures"])
+    for m in record["history"]:
+        assert sorted(m["trained"] + m["failed"]) == m["clients"]
+    assert len(record["history"]) == 4
+
+
+def test_round_where_every_client_fails_is_skipped(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(rounds=2, failure_rate=0.99))
+    record = run(cfg, tmp_path, progress=False)
+    assert all(m["skipped"] and not m["trained"] for m in record["history"])
+    start = RunConfig.from_dict(tiny_config(rounds=1))
+    assert len(record["failures"]) == 2 * start.fed.clients_per_round
+    timeouts = run(RunConfig.from_dict(tiny_config(rounds=1, client_timeout_s=1e-9)), tmp_path / "t", progress=False)
+    assert {f["kind"] for f in timeouts["failures"]} == {"timeout"} and timeouts["history"][0]["skipped"]
+
+
+def test_memory_aware_sampling_and_window_from_memory(tmp_path):
+    cfg = RunConfig.from_dict({**tiny_config(memory_aware=True, rounds=1), "method": "full_adapters"})
+    record = run(cfg, tmp_path / "e2e", progress=False)
+    caps = device_capacity_gb(cfg.seed, np.arange(20), "paper")
+    assert record["eligible_clients"] == int((caps >= record["need_gb"]).sum()) < 20
+    assert all(caps[c] >= record["need_gb"] for c in record["history"][0]["clients"])
+    cfg = RunConfig.from_dict(tiny_config(memory_aware=True, rounds=1, window_from_memory=True))
+    record = run(cfg, tmp_path / "chain", progress=False)
+    assert 1 <= record["window"] <= 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"fed": {"clients_per_round": 19, "memory_aware": True}}, "FedConfig.clients_per_round"),
+    ({"fed": {"memory_scale": 1.0}}, "no client can fit"),
+    ({"data": {"partition": "dirichlet", "alpha": 0.0}}, "DataConfig.alpha"),
+    ({"fed": {"rounds": 0}}, "FedConfig.rounds"),
+])
+def test_bad_configs_fail_before_training(tmp_path, change, message):
+    data = tiny_config()
+    for section, values in change.items():
+        data[section] = {**data[section], **values}
+    with pytest.raises(ValueError, match=message):
+        run(RunConfig.from_dict(data), tmp_path, progress=False)
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run(RunConfig.from_dict(tiny_config(rounds=1)), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        run(RunConfig.from_dict(tiny_config(rounds=2, clients_per_round=2)), tmp_path, progress=False)
