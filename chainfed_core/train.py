@@ -116,14 +116,17 @@ def batches(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, pad_id: i
 
 def collate(rows: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
     ids, masks = rows["input_ids"], rows["attention_mask"]
-    longest = max(int(sum(m)) if not torch.is_tensor(m) else int(m.sum()) for m in masks)
-    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)     # (B, T)
-    attention = torch.zeros((len(ids), longest), dtype=torch.long)           # (B, T)
-    for row, (x, m) in enumerate(zip(ids, masks)):
-        x = torch.as_tensor(x)[:longest]
-        m = torch.as_tensor(m)[:longest]
-        input_ids[row, :len(x)] = x
-        attention[row, :len(m)] = m
+    if torch.is_tensor(ids) and ids.ndim == 2:          # already padded to a fixed length
+        longest = int(masks.sum(dim=1).max())
+        input_ids, attention = ids[:, :longest].long(), masks[:, :longest].long()   # (B, T)
+    else:                                                # ragged lists: pad here
+        longest = max(int(sum(m)) for m in masks)
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)      # (B, T)
+        attention = torch.zeros((len(ids), longest), dtype=torch.long)            # (B, T)
+        for row, (x, m) in enumerate(zip(ids, masks)):
+            x, m = torch.as_tensor(x)[:longest], torch.as_tensor(m)[:longest]
+            input_ids[row, :len(x)] = x
+            attention[row, :len(m)] = m
     batch = {"input_ids": input_ids.masked_fill(attention == 0, pad_id), "attention_mask": attention}
     if "label" in rows:
         batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
@@ -198,7 +201,7 @@ def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, 
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                losses.append(float(out.total))
+                losses.append(out.total.item())
                 if not backbone.is_causal_lm:
                     correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
                     seen += len(batch["labels"])
