@@ -17,7 +17,8 @@ assets: setup
 
 quickstart: assets
 	@mkdir -p reports figures
-	$(PY) -m papermill notebooks/00_quickstart.ipynb reports/00_quickstart.ipynb --cwd notebooks
+	$(PY) -m papermill notebooks/00_quickstart.ipynb reports/00_quickstart.ipynb --cwd notebooks \
+		-p max_train 1000 -p max_test 500 -p rounds 6 -p tag full
 	$(PY) -m jupyter nbconvert --to html reports/00_quickstart.ipynb --output-dir reports
 	@echo "report: reports/00_quickstart.html"
 
