@@ -1,0 +1,1 @@
+"""Flower app entry points for ChainFed (thin: the logic lives in chainfed_core.flower)."""
