@@ -1,0 +1,71 @@
+"""Simulator overhead and peak memory at N=100 and N=10,000 clients, 15 per round.
+
+Overhead is round time minus the clients' local training time (train_local's own clock)
+and minus evaluation; peak memory is the process's VmHWM measured in a fresh subprocess
+per N, so the two N share nothing. Run from the repo root:
+
+    PYTHONPATH=. python benchmarks/simulator_overhead.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(num_clients: int, rounds: int) -> dict:
+    # The same 40,000-example training set for every N; each client runs one step of 4.
+    return {"method": "chainfed", "seed": 0, "model": {"name": "tiny-bert-L4-H128"},
+            "adapter": {"bottleneck": 16}, "chain": {"window": 2, "start_layer": 0},
+            "train": {"batch_size": 4, "local_steps": 1},
+            "data": {"dataset": "synthetic", "num_clients": num_clients, "max_train_examples": 40_000,
+                     "max_test_examples": 64},
+            "fed": {"rounds": rounds, "clients_per_round": 15, "eval_every": 10 ** 6, "memory_aware": True}}
+
+
+def measure(num_clients: int, rounds: int) -> dict:
+    """One run in this process; print its numbers as JSON."""
+    from chainfed_core.config import RunConfig
+    from chainfed_core.federated import run
+
+    with tempfile.TemporaryDirectory() as out:
+        record = run(RunConfig.from_dict(config(num_clients, rounds)), out, progress=False)
+    # the last round also evaluates; leave it and the first (warm-up) round out
+    rows = record["history"][1:-1]
+    round_s = sum(m["seconds_round"] for m in rows)
+    train_s = sum(m["seconds_train"] for m in rows)
+    return {"N": num_clients, "rounds_timed": len(rows), "round_s": round_s / len(rows),
+            "train_s": train_s / len(rows), "overhead_pct": 100 * (round_s - train_s) / round_s,
+            "peak_rss_mib": record["peak_rss_bytes"] / 2 ** 20, "eligible": record["eligible_clients"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # child mode: measure a single N
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.rounds)))
+        return
+    results = []
+    for n in (100, 10_000):
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds)],
+                             capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'':24}" + "".join(f"{'N=' + format(r['N'], ','):>14}" for r in results))
+    for key, label in [("eligible", "eligible clients"), ("round_s", "round time (s)"),
+                       ("train_s", "local training (s)"), ("overhead_pct", "overhead (% of round)"),
+                       ("peak_rss_mib", "peak RSS (MiB)")]:
+        print(f"{label:24}" + "".join(f"{r[key]:>14.3f}" if isinstance(r[key], float) else f"{r[key]:>14}"
+                                     for r in results))
+
+
+if __name__ == "__main__":
+    main()
