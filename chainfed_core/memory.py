@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -92,7 +93,7 @@ class MemoryMeter(TorchDispatchMode):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self._register_existing()
-        self._hook = torch.optim.optimizer.register_optimizer_step_post_hook(self._after_step)
+        self._hook = register_optimizer_step_post_hook(self._after_step)
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -191,6 +192,20 @@ class MemoryMeter(TorchDispatchMode):
             breakdown[category[uid]] += delta
         return MemoryReport(peak_bytes=peak, breakdown=breakdown, final_bytes=total,
                             cuda_max_allocated=getattr(self, "_cuda_peak", None))
+
+
+def metered_training(backbone, dataset, plan, cfg, *, seed: int = 0, prefix=None, cache=None) -> tuple[MemoryReport, Any]:
+    """Run :func:`~chainfed_core.train.train_local` under a :class:`MemoryMeter`.
+
+    The peak covers whatever happens inside: the prefix (or the cache's fill or extension),
+    every step's forward and backward, and the optimizer state created on the first step.
+    """
+    from .train import train_local
+
+    extra = {"cache": cache.tensors()} if cache is not None else None
+    with MemoryMeter(backbone, extra) as meter:
+        result = train_local(backbone, dataset, plan, cfg, seed=seed, prefix=prefix)
+    return meter.report(), result
 
 
 # ---------------------------------------------------------------------- process peak RSS
@@ -316,7 +331,8 @@ def peak_training_bytes(model_config_like, method: Literal["full_adapters", "cha
                         batch_size: int = 8, seq_len: int = 128, dtype: str = "float32",
                         compute_dtype: str | None = None, bottleneck: int = 64,
                         optimizer: Literal["sgd", "adamw"] = "sgd", streamed: bool = False,
-                        cached: bool = False, cache_bytes: int = 0, gpo: bool = True) -> MemoryEstimate:
+                        cached: bool = False, cache_bytes: int = 0, gpo: bool = True,
+                        window_start: int = 0) -> MemoryEstimate:
     """Predicted peak tensor bytes of one client's adapter training step.
 
     Args:
@@ -336,8 +352,10 @@ def peak_training_bytes(model_config_like, method: Literal["full_adapters", "cha
         cached: the window's input comes from the activation cache (no prefix forward);
             ``cache_bytes`` is the part of the cache held in memory.
         gpo: chainfed's global branch runs the later adapters and the head a second time.
+        window_start: first layer of the window; the default 0 leaves the most later
+            adapters to GPO's global branch (the largest chainfed peak).
 
-    The window sits in the middle of the chain (GPO's global branch runs); the first trained
+    The first trained
     layer saves only its adapter's activations because its input needs no gradient. The
     model covers tensor bytes, as :class:`MemoryMeter` counts them; the process adds the
     runtime and allocator slack (:func:`measure_rss`).
@@ -377,7 +395,7 @@ def peak_training_bytes(model_config_like, method: Literal["full_adapters", "cha
     per_token = _layer_activation_elements(family, d, T, r)
     trained = L if method == "full_adapters" else window
     saved = (trained - 1) * per_token + (H + r)            # first trained layer: its adapter only
-    subsequent = 0 if method == "full_adapters" or not gpo else L - window - 1
+    subsequent = 0 if method == "full_adapters" or not gpo else max(L - window_start - window, 0)
     saved += subsequent * r                                  # global branch through later frozen adapters
     acts = B * T * saved * cb
     acts += B * T * T * cb                                   # attention mask (B, 1, T, T), shared by layers
@@ -386,8 +404,7 @@ def peak_training_bytes(model_config_like, method: Literal["full_adapters", "cha
     if causal:
         branches = 2 if subsequent else 1
         acts += B * T * (H + 1) * 4 * branches               # final RMSNorm input and rstd
-        acts += B * T * d["V"] * (cb + 4 + 4 * branches)     # logits, float logits, log-softmax per branch
-        acts += B * T * d["V"] * 4                           # gradient of the log-softmax in backward
+        acts += B * T * d["V"] * (cb + 4 * branches)         # logits, and the log-softmax of each branch
         acts += 2 * T * d["head_dim"] * cb                   # rotary cos / sin
     else:
         acts += B * H * 4 * 4                                # pooled features and their gradients
