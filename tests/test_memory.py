@@ -1,0 +1,90 @@
+"""Memory meter, process peak RSS and the analytic memory model."""
+
+import pytest
+import torch
+
+from chainfed_core.config import AdapterConfig, TrainConfig
+from chainfed_core.memory import (CATEGORIES, MemoryMeter, measure_rss, metered_training, peak_training_bytes,
+                                  tagged)
+from chainfed_core.schedule import stage_at
+from chainfed_core.tiny import tiny_backbone, tiny_dataset
+from chainfed_core.train import plan_for
+
+
+def test_meter_counts_exact_bytes_and_frees():
+    with MemoryMeter() as meter:
+        a = torch.empty(1000)                       # 4000 bytes
+        b = torch.empty(500, dtype=torch.float64)   # 4000 bytes, live with a: peak 8000
+        view = a[10:]                               # a view allocates nothing
+        del a, b, view
+        with tagged("cache"):
+            c = torch.empty(300)                    # 1200 bytes after the others died
+        del c
+    report = meter.report()
+    assert report.peak_bytes == 8000
+    assert report.final_bytes == 0
+    assert report.breakdown["activations"] == 8000 and report.breakdown["cache"] == 0
+
+
+def test_tag_rejects_unknown_category():
+    with pytest.raises(ValueError, match="not one of"):
+        with tagged("weights"):
+            pass
+
+
+def test_breakdown_of_a_training_step_sums_to_the_peak():
+    bb = tiny_backbone("bert", num_layers=4, hidden=64)
+    bb.add_adapters(AdapterConfig(bottleneck=16))
+    data = tiny_dataset(16, 24)
+    plan = plan_for("chainfed", 4, stage_at(1, 4, 0, 2, 1), lam=0.2)
+    report, result = metered_training(bb, data, plan, TrainConfig(batch_size=8, local_steps=2))
+    assert result.steps == 2
+    assert sum(report.breakdown.values()) == report.peak_bytes
+    assert set(report.breakdown) == set(CATEGORIES)
+    weights = sum(p.numel() * 4 for n, p in bb.model.named_parameters() if "chainfed_adapters" not in n
+                  and not n.startswith(("bert.pooler", "classifier")))
+    weights += sum(b.numel() * b.element_size() for b in bb.model.buffers())
+    trainable = sum(p.numel() * 4 for p in bb.adapters.parameters()) + \
+        sum(p.numel() * 4 for p in bb.head_parameters().values())
+    assert report.breakdown["frozen_weights"] == weights
+    assert report.breakdown["trainable"] == trainable
+    assert report.breakdown["activations"] > 0
+    window = sum(p.numel() * 4 for i in (1, 2) for p in bb.adapter(i).parameters())
+    head = sum(p.numel() * 4 for p in bb.head_parameters().values())
+    assert report.breakdown["optimizer_state"] == window + head      # SGD momentum of the trained tensors
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("method,window,start", [("full_adapters", 6, 0), ("chainfed", 2, 1), ("chainfed", 1, 3)])
+def test_analytic_model_within_ten_percent_of_meter(family, method, window, start):
+    L, B, T = 6, 8, 32
+    bb = tiny_backbone(family, num_layers=L, hidden=64)
+    bb.add_adapters(AdapterConfig(bottleneck=16))
+    data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
+    stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
+    report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
+                                 TrainConfig(batch_size=B, local_steps=2))
+    estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+    assert report.breakdown["activations"] > 0.4 * report.peak_bytes   # activations matter on this shape
+    assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
+
+
+def test_analytic_model_scales_to_llama_7b_without_memory():
+    llama7b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+    full = peak_training_bytes(llama7b, "full_adapters", 32, 1, 64, dtype="bfloat16")
+    chain = peak_training_bytes(llama7b, "chainfed", 2, 1, 64, dtype="bfloat16", streamed=True, cached=True)
+    assert 12.5e9 < full.frozen_weights < 13.6e9                      # 6.74 B parameters in bf16
+    assert full.total > 10 * chain.total
+
+
+def _allocate(mb: int) -> int:
+    block = torch.ones(mb << 20, dtype=torch.uint8)
+    return int(block.sum())
+
+
+def test_measure_rss_sees_a_fresh_process_peak():
+    small = measure_rss("tests.test_memory:_allocate", {"mb": 1}, threads=1)
+    large = measure_rss("tests.test_memory:_allocate", {"mb": 200}, threads=1)
+    assert large["result"] == 200 << 20
+    assert large["peak_rss"] - small["peak_rss"] > 150 << 20

@@ -1,0 +1,195 @@
+"""Layer store, compute-prefetch-evict streaming and the frozen-prefix activation cache."""
+
+import errno
+import json
+
+import pytest
+import torch
+
+from chainfed_core import streaming
+from chainfed_core.actcache import ActivationCache
+from chainfed_core.config import AdapterConfig, TrainConfig
+from chainfed_core.schedule import stage_at
+from chainfed_core.streaming import (LayerStore, LayerStoreError, ShardChecksumError, load_streamed,
+                                     save_layer_store, write_random_store)
+from chainfed_core.tiny import tiny_backbone, tiny_config, tiny_dataset
+from chainfed_core.train import plan_for, set_state, train_local
+
+L, W = 5, 2
+CFG = TrainConfig(batch_size=4, lr=0.1, local_epochs=1)
+
+
+def _pair(family, tmp_path, **kw):
+    """An in-memory backbone and its streamed twin with identical adapters."""
+    bb = tiny_backbone(family, num_layers=L, hidden=32)
+    save_layer_store(bb, tmp_path / "store")
+    sb = load_streamed(tmp_path / "store", **kw)
+    for model in (bb, sb):
+        torch.manual_seed(1)
+        model.add_adapters(AdapterConfig(bottleneck=8))
+    return bb, sb
+
+
+def _max_diff(a, b):
+    return max((a.state[k] - b.state[k]).abs().max().item() for k in a.state)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "llama"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_streamed_training_matches_in_memory(family, cached, tmp_path):
+    bb, sb = _pair(family, tmp_path)
+    data = tiny_dataset(16, 10, seed=3)
+    cache = ActivationCache(sb, batch_size=5)
+    for r in range(3):                                    # the window slides: fill, extend, extend
+        plan = plan_for("chainfed", L, stage_at(r, L, 1, W, 1), lam=0.3)
+        ref = train_local(bb, data, plan, CFG, seed=r)
+        sb.follow(plan, cached=cached)
+        got = train_local(sb, data, plan, CFG, seed=r, prefix=cache.prefix("c", data, plan) if cached else None)
+        assert ref.steps == got.steps == 4
+        assert max(abs(a - b) for a, b in zip(ref.history, got.history)) <= 1e-6
+        assert _max_diff(ref, got) <= 1e-6
+        if not cached:                                    # same ops on the same weights: bit-identical
+            assert ref.history == got.history
+        set_state(bb, ref.state)
+        set_state(sb, ref.state)
+    if cached:
+        assert (cache.stats.fills, cache.stats.extensions) == (1, 2)
+        assert cache.stats.example_layers == 16 * 1 + 2 * 16    # fill 1 layer, then one layer per slide
+
+
+def test_cache_is_bit_identical_without_padding(tmp_path):
+    bb = tiny_backbone("bert", num_layers=L, hidden=32)
+    torch.manual_seed(1)
+    bb.add_adapters(AdapterConfig(bottleneck=8))
+    data = tiny_dataset(12, 10, seed=4).map(lambda r: {"attention_mask": [1] * 10})
+    plan = plan_for("chainfed", L, stage_at(2, L, 0, W, 1), lam=0.3)
+    start = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    ref = train_local(bb, data, plan, CFG, seed=0)
+    bb.model.load_state_dict(start)
+    cache = ActivationCache(bb, max_memory_bytes=0, folder=tmp_path / "cache", batch_size=5)   # on disk
+    got = train_local(bb, data, plan, CFG, seed=0, prefix=cache.prefix("c", data, plan))
+    assert cache.stats.disk_entries == 1 and cache.memory_bytes == 0
+    assert ref.history == got.history
+    assert all(torch.equal(ref.state[k], got.state[k]) for k in ref.state)
+
+
+def test_cache_rebuilds_when_an_earlier_adapter_changes():
+    bb = tiny_backbone("llama", num_layers=L, hidden=32)
+    bb.add_adapters(AdapterConfig(bottleneck=8))
+    data = tiny_dataset(8, 10)
+    cache = ActivationCache(bb)
+    plan = plan_for("chainfed", L, stage_at(2, L, 0, W, 1))
+    cache.prefix("c", data, plan)
+    cache.prefix("c", data, plan)
+    assert (cache.stats.fills, cache.stats.hits) == (1, 1)
+    with torch.no_grad():
+        bb.adapter(0).up.bias.add_(0.1)                    # a new pass changed a layer before the window
+    cache.prefix("c", data, plan)
+    assert cache.stats.fills == 2
+    with pytest.raises(KeyError, match="not among the examples cached"):
+        cache.prefix("c", data, plan)(next(iter([{"input_ids": torch.tensor([[9, 9, 9]]),
+                                                  "attention_mask": torch.ones(1, 3, dtype=torch.long)}])))
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetch_keeps_window_plus_one_resident(prefetch, tmp_path):
+    bb, sb = _pair("llama", tmp_path, prefetch=prefetch)
+    data = tiny_dataset(12, 10)
+    plan = plan_for("chainfed", L, stage_at(3, L, 0, W, 1), lam=0.2)
+    sb.follow(plan)
+    sb.streamer.reset_stats()
+    ref = train_local(bb, data, plan, CFG, seed=0)
+    got = train_local(sb, data, plan, CFG, seed=0)
+    assert ref.history == got.history
+    assert sb.streamer.max_resident_layers <= W + 1
+    steps = got.steps
+    parts_per_step = 1 + 3 + W                             # embeddings, frozen layers 0..2, window
+    assert sb.streamer.loads == steps * parts_per_step
+    assert sb.streamer.prefetched == (steps * parts_per_step if prefetch else 0)
+
+
+def test_cached_window_stays_resident(tmp_path):
+    _, sb = _pair("bert", tmp_path)
+    data = tiny_dataset(12, 10)
+    plan = plan_for("chainfed", L, stage_at(3, L, 0, W, 1))
+    cache = ActivationCache(sb)
+    prefix = cache.prefix("c", data, plan)
+    sb.follow(plan, cached=True)
+    sb.streamer.reset_stats()
+    train_local(sb, data, plan, CFG, seed=0, prefix=prefix)
+    assert sb.streamer.loads == W                          # the window is read once for all steps
+    assert sb.streamer.max_resident_layers <= W + 1
+
+
+def test_corrupted_and_missing_shards_are_named(tmp_path):
+    bb = tiny_backbone("bert", num_layers=3, hidden=32)
+    store = save_layer_store(bb, tmp_path)
+    path = store.path("layer.1")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardChecksumError, match=r"shard layer\.1 .*corrupted"):
+        LayerStore(tmp_path, verify="always").load("layer.1")
+    with pytest.raises(ShardChecksumError, match=r"shard layer\.1"):
+        LayerStore(tmp_path, verify="once").load("layer.1")   # never verified yet in this process
+    sb = load_streamed(tmp_path)
+    sb.follow(plan_for("full_adapters", 3))
+    with pytest.raises(ShardChecksumError, match=r"layer\.1"):
+        sb.forward(tiny_dataset(2, 6)[:2] | {"input_ids": torch.ones(2, 6, dtype=torch.long),
+                                             "attention_mask": torch.ones(2, 6, dtype=torch.long)})
+    store.path("layer.2").unlink()
+    with pytest.raises(LayerStoreError, match=r"shard layer\.2 missing"):
+        LayerStore(tmp_path).load("layer.2")
+
+
+def test_verify_once_skips_rehashing(tmp_path):
+    store = save_layer_store(tiny_backbone("bert", num_layers=2, hidden=32), tmp_path)
+    first = LayerStore(tmp_path, verify="once")
+    first.load("layer.0")
+    assert first.hash_seconds > 0
+    again = LayerStore(tmp_path, verify="once")
+    again.load("layer.0")
+    assert again.hash_seconds == 0
+    assert store.nbytes("layer.0") == again.read_bytes
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(LayerStoreError, match="not writable"):
+        save_layer_store(tiny_backbone("bert", num_layers=2, hidden=32), blocker / "store")
+
+
+def test_full_disk_keeps_written_shards_and_resumes(tmp_path, monkeypatch):
+    bb = tiny_backbone("bert", num_layers=3, hidden=32)
+    real, calls = streaming._atomic_write, []
+
+    def failing(path, data):
+        calls.append(path.name)
+        if path.name == "layer_001.safetensors" and calls.count(path.name) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(streaming, "_atomic_write", failing)
+    with pytest.raises(LayerStoreError, match=r"shard layer\.1 .*no space left"):
+        save_layer_store(bb, tmp_path)
+    written = json.loads((tmp_path / "manifest.json").read_text())["shards"]
+    assert set(written) == {"embed", "layer.0"}
+    assert not list(tmp_path.glob(".*.tmp"))
+    before = (tmp_path / "layer_000.safetensors").stat().st_mtime_ns
+    save_layer_store(bb, tmp_path)                       # retry: resumes, keeps what was written
+    assert (tmp_path / "layer_000.safetensors").stat().st_mtime_ns == before
+    assert calls.count("layer_000.safetensors") == 1
+    LayerStore(tmp_path, verify="always")
+
+
+def test_random_bf16_store_with_float32_compute(tmp_path):
+    config = tiny_config("llama", num_layers=3, hidden=32)
+    write_random_store(config, tmp_path, dtype=torch.bfloat16)
+    streamed = load_streamed(tmp_path, compute_dtype=torch.float32)
+    in_memory = load_streamed(tmp_path, compute_dtype=torch.float32, resident="all", prefetch=False)
+    assert streamed.streamer.store.manifest["dtype"] == "bfloat16"
+    batch = {"input_ids": torch.randint(5, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    a, b = streamed.forward(batch), in_memory.forward(batch)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert streamed.streamer.max_resident_layers <= 2
