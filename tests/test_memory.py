@@ -65,7 +65,7 @@ def test_analytic_model_within_ten_percent_of_meter(family, method, window, star
     report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
                                  TrainConfig(batch_size=B, local_steps=2))
     estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
-    assert report.breakdown["activations"] > 0.4 * report.peak_bytes   # activations matter on this shape
+    assert report.breakdown["activations"] > 0.3 * report.peak_bytes   # activations matter on this shape
     assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
 
 
