@@ -167,6 +167,7 @@ class StoreWriter:
         self.folder = Path(folder)
         _check_writable(self.folder)
         old = _read_manifest(self.folder) if (self.folder / MANIFEST).exists() else None
+        config = json.loads(json.dumps(config, default=str))      # as the manifest will hold it
         self.manifest = {"format": FORMAT, "family": family, "task": task, "config": config,
                          "dtype": str(dtype).removeprefix("torch."), "num_layers": num_layers, "shards": {}}
         # A retry after a failure keeps shards that were written completely before.
