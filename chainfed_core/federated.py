@@ -37,6 +37,7 @@ import torch
 
 from . import foat
 from .aggregation import fedavg, merge, stale_names, state_bytes
+from .partition import client_indices
 from .backbone import Backbone
 from .config import RunConfig
 from .records import RECORD_FILE, atomic_write_bytes, atomic_write_json, make_record
@@ -53,7 +54,7 @@ PROFILES = {"paper": (np.array([4.0, 6.0, 8.0, 12.0]), np.array([0.3, 0.3, 0.25,
 LARGEST_DEVICE_GB = 12.0
 
 # Stream tags keep the pure random functions of different purposes apart.
-_CAPACITY, _FAILURE, _TRAIN, _SAMPLE, _FOAT, _PARTITION = range(6)
+_CAPACITY, _FAILURE, _TRAIN, _SAMPLE, _FOAT = range(5)
 
 
 # ---------------------------------------------------------------------- pure randomness
@@ -96,52 +97,6 @@ def device_capacity_gb(seed: int, client_ids, profile: str) -> np.ndarray:
     if probs is None:
         return tiers[0] + u * (tiers[1] - tiers[0])
     return tiers[np.searchsorted(np.cumsum(probs), u, side="right").clip(max=len(tiers) - 1)]
-
-
-# ---------------------------------------------------------------------- partitions
-@dataclass
-class Partition:
-    """Client k holds train rows ``order[offsets[k]:offsets[k+1]]`` (one array for all N)."""
-    order: np.ndarray
-    offsets: np.ndarray
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.offsets) - 1
-
-    def indices(self, client_id: int) -> np.ndarray:
-        return self.order[self.offsets[client_id]:self.offsets[client_id + 1]]
-
-    def sizes(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-
-def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, alpha: float,
-                      min_size: int, seed: int, max_tries: int = 100) -> Partition:
-    """IID or label-Dirichlet(alpha) split of example indices over clients."""
-    n = len(labels)
-    if n < num_clients * min_size:
-        raise ValueError(f"DataConfig.num_clients: {num_clients} clients x min_partition_size {min_size} "
-                         f"needs {num_clients * min_size} train examples, the data has {n}")
-    rng = np.random.default_rng([seed, _PARTITION])
-    if scheme == "iid":
-        sizes = np.full(num_clients, n // num_clients)
-        sizes[: n % num_clients] += 1
-        return Partition(rng.permutation(n), np.concatenate([[0], np.cumsum(sizes)]))
-    if alpha <= 0:
-        raise ValueError(f"DataConfig.alpha: Dirichlet alpha must be > 0, got {alpha}")
-    for _ in range(max_tries):
-        owner = np.empty(n, dtype=np.int64)
-        for c in np.unique(labels):
-            rows = rng.permutation(np.flatnonzero(labels == c))
-            shares = rng.dirichlet(np.full(num_clients, alpha))
-            counts = np.diff(np.round(np.cumsum(np.concatenate([[0.0], shares])) * len(rows)).astype(np.int64))
-            owner[rows] = np.repeat(np.arange(num_clients), counts)
-        sizes = np.bincount(owner, minlength=num_clients)
-        if sizes.min() >= min_size:
-            return Partition(np.argsort(owner, kind="stable"), np.concatenate([[0], np.cumsum(sizes)]))
-    raise ValueError(f"DataConfig.min_partition_size: no Dirichlet(alpha={alpha}) split over {num_clients} "
-                     f"clients gave every client >= {min_size} examples in {max_tries} tries")
 
 
 # ---------------------------------------------------------------------- memory estimate
@@ -262,7 +217,7 @@ def build_task(config: RunConfig) -> Task:
         tokenizer = AutoTokenizer.from_pretrained(model_path(cfg.model.name))
         splits = data.tokenize(splits, tokenizer, cfg.model.max_length)
         train, test = splits["train"], splits["test"]
-        num_labels = int(max(train["label"])) + 1
+        num_labels = len(data.label_names(splits))
         pad_id = tokenizer.pad_token_id or 0
 
     def make_backbone() -> Backbone:
@@ -430,8 +385,8 @@ class Population:
         d = config.data
         self.config = config
         self.train = train
-        self.partition = partition_indices(np.asarray(train["label"]), d.num_clients, d.partition, d.alpha,
-                                           d.min_partition_size, config.seed)
+        self.partition = client_indices(train, d.num_clients, scheme=d.partition, alpha=d.alpha,
+                                        min_partition_size=d.min_partition_size, seed=config.seed)
         self.capacity_gb = device_capacity_gb(config.seed, np.arange(d.num_clients), config.fed.memory_profile)
 
     def data(self, client_id: int):

@@ -11,6 +11,7 @@ draws them.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import datasets as hfds
@@ -38,49 +39,72 @@ def _check(dataset: hfds.Dataset, num_clients: int, scheme: str, alpha: float, m
         raise ValueError(f"dataset: needs a 'label' column, has {dataset.column_names}")
 
 
-def _restore_format(part: hfds.Dataset, like: hfds.Dataset) -> hfds.Dataset:
-    """Give ``part`` the output format of ``like`` (the partitioner works on an Arrow-formatted copy)."""
-    fmt = dict(like.format)
-    return part.with_format(fmt["type"], columns=fmt["columns"], output_all_columns=fmt["output_all_columns"],
-                            **fmt["format_kwargs"])
+@dataclass
+class ClientIndices:
+    """Client k holds rows ``order[offsets[k]:offsets[k+1]]``: one array for all N clients,
+    so a population of 10,000 clients costs one index per example, not one object per client."""
+    order: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.offsets) - 1
+
+    def indices(self, client_id: int) -> np.ndarray:
+        return self.order[self.offsets[client_id]:self.offsets[client_id + 1]]
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
 
-def partition(dataset: hfds.Dataset, num_clients: int, *, scheme: str = "iid", alpha: float = 0.5,
-              min_partition_size: int = 2, self_balancing: bool = False, seed: int = 0) -> list[hfds.Dataset]:
-    """Split ``dataset`` into ``num_clients`` client datasets.
+def client_indices(dataset: hfds.Dataset, num_clients: int, *, scheme: str = "iid", alpha: float = 0.5,
+                   min_partition_size: int = 2, self_balancing: bool = False, seed: int = 0) -> ClientIndices:
+    """Which rows of ``dataset`` each of ``num_clients`` clients holds.
 
     ``iid``: a seeded shuffle cut into equal contiguous shards (``IidPartitioner``).
     ``dirichlet``: per class, client shares drawn from Dir(``alpha``) (``DirichletPartitioner``
     on ``label``), redrawn until every client has ``min_partition_size`` examples;
     ``self_balancing`` stops giving examples to clients already above the average size.
+    The partitioner sees the label column alone, never the texts.
     Raises ValueError naming the field when the arguments cannot give such a split.
     """
     _check(dataset, num_clients, scheme, alpha, min_partition_size)
+    labels = labels_of(dataset)
     if scheme == "iid":
         smallest = len(dataset) // num_clients
         if smallest < min_partition_size:
             raise ValueError(f"min_partition_size: {len(dataset)} examples over {num_clients} clients give "
                              f"{smallest} per client, below min_partition_size={min_partition_size}")
-        partitioner = IidPartitioner(num_partitions=num_clients)
-        partitioner.dataset = dataset.shuffle(seed=seed, keep_in_memory=True)
-        return [partitioner.load_partition(i) for i in range(num_clients)]
+        # IidPartitioner over dataset.shuffle(seed): the same seeded permutation cut into
+        # contiguous shards (tests check the equality), computed without N row selections.
+        parts = np.array_split(np.random.default_rng(seed).permutation(len(labels)), num_clients)
+    else:
+        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(alpha),
+                                           min_partition_size=min_partition_size, self_balancing=self_balancing,
+                                           shuffle=True, seed=seed)
+        partitioner.dataset = hfds.Dataset.from_dict({"label": labels})
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The specified min_partition_size")
+                partitioner.load_partition(0)    # draws the whole split once
+        except ValueError as err:
+            raise ValueError(
+                f"min_partition_size: no Dirichlet split of {len(dataset)} examples over num_clients={num_clients} "
+                f"with alpha={alpha} gave every client at least min_partition_size={min_partition_size} examples "
+                f"({err}); raise alpha, or lower num_clients or min_partition_size") from err
+        # flwr-datasets 0.6.1 keeps the drawn split here; reading it avoids N row selections.
+        parts = [np.asarray(partitioner._partition_id_to_indices[i]) for i in range(num_clients)]
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    order = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+    return ClientIndices(order, np.concatenate([[0], np.cumsum(sizes)]))
 
-    partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(alpha),
-                                       min_partition_size=min_partition_size, self_balancing=self_balancing,
-                                       shuffle=True, seed=seed)
-    # Arrow format: the partitioner reads the label column with np.array(dataset["label"]),
-    # which iterates row by row over a default-formatted dataset in datasets 4.
-    partitioner.dataset = dataset.with_format("arrow")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The specified min_partition_size")
-            parts = [partitioner.load_partition(i) for i in range(num_clients)]
-    except ValueError as err:
-        raise ValueError(
-            f"min_partition_size: no Dirichlet split of {len(dataset)} examples over num_clients={num_clients} "
-            f"with alpha={alpha} gave every client at least min_partition_size={min_partition_size} examples "
-            f"({err}); raise alpha, or lower num_clients or min_partition_size") from err
-    return [_restore_format(p, dataset) for p in parts]
+
+def partition(dataset: hfds.Dataset, num_clients: int, *, scheme: str = "iid", alpha: float = 0.5,
+              min_partition_size: int = 2, self_balancing: bool = False, seed: int = 0) -> list[hfds.Dataset]:
+    """Split ``dataset`` into ``num_clients`` client datasets (row selections; see :func:`client_indices`)."""
+    split = client_indices(dataset, num_clients, scheme=scheme, alpha=alpha, min_partition_size=min_partition_size,
+                           self_balancing=self_balancing, seed=seed)
+    return [dataset.select(split.indices(k)) for k in range(num_clients)]
 
 
 def label_histogram(parts: Sequence[hfds.Dataset] | Sequence[np.ndarray], num_classes: int) -> np.ndarray:

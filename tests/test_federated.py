@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import (CHECKPOINT_FILE, METRICS_FILE, device_capacity_gb, injected_failure,
-                                     load_final_state, partition_indices, run, sample_clients)
+                                     load_final_state, run, sample_clients)
+from chainfed_core.partition import client_indices
 from chainfed_core.records import RECORD_FILE, load_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +40,9 @@ def test_pure_functions_of_seed_and_client():
     u = device_capacity_gb(1, np.arange(1000), "uniform")
     assert u.min() >= 4 and u.max() < 12
     assert sample_clients(5, 2, np.arange(50), 7) == sample_clients(5, 2, np.arange(50), 7)
-    labels = np.repeat(np.arange(3), 40)
+    data = Dataset.from_dict({"label": np.repeat(np.arange(3), 40).tolist()})
     for scheme in ("iid", "dirichlet"):
-        p = partition_indices(labels, 10, scheme, 0.5, 2, seed=0)
+        p = client_indices(data, 10, scheme=scheme, alpha=0.5, min_partition_size=2, seed=0)
         assert sorted(np.concatenate([p.indices(k) for k in range(10)]).tolist()) == list(range(120))
         assert p.sizes().min() >= 2
 

@@ -144,3 +144,23 @@ def test_real_data_dirichlet_split():
     assert counts.sum() == len(train) == 22891
     assert counts.sum(axis=1).min() >= 2
     assert label_skew(counts) > label_skew(label_histogram(partition(train, 20, seed=0), 2))
+
+
+def test_client_indices_match_flwr_datasets_partitioners():
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    from chainfed_core.partition import client_indices
+
+    data = hfds.Dataset.from_dict({"label": (np.arange(103) % 4).tolist(), "_row": list(range(103))})
+    iid = client_indices(data, 7, scheme="iid", seed=3)
+    ref = IidPartitioner(num_partitions=7)
+    ref.dataset = data.shuffle(seed=3)
+    for k in range(7):
+        assert iid.indices(k).tolist() == ref.load_partition(k)["_row"]
+    dirichlet = client_indices(data, 5, scheme="dirichlet", alpha=0.5, min_partition_size=2, seed=3)
+    ref = DirichletPartitioner(num_partitions=5, partition_by="label", alpha=0.5, min_partition_size=2,
+                               self_balancing=False, shuffle=True, seed=3)
+    ref.dataset = data
+    for k in range(5):
+        assert sorted(dirichlet.indices(k).tolist()) == sorted(ref.load_partition(k)["_row"])
+    assert sorted(np.concatenate([iid.indices(k) for k in range(7)]).tolist()) == list(range(103))
