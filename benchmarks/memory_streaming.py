@@ -7,7 +7,8 @@ Measures, side by side in one run:
      the LLaMA2-7B shape (bf16 weights) comes from the analytic model (peak_training_bytes);
   2. process peak RSS of a real ChainFed W=2 step of the LLaMA2-7B layer shape, streamed, in a
      fresh process (reduced depth: --llama-layers layers of the real width);
-  3. step time: streamed with prefetch / in memory, and with prefetch / without;
+  3. step time: streamed with prefetch / in memory, and with prefetch / without; time to read the
+     store checking every read's sha256 (verify="always") vs only a file's first read ("once");
   4. client compute per round: ChainFed (with cache) / Full Adapters.
 
     python benchmarks/memory_streaming.py            # default run
@@ -31,7 +32,7 @@ from chainfed_core.actcache import ActivationCache
 from chainfed_core.config import AdapterConfig, TrainConfig
 from chainfed_core.memory import measure_rss, metered_training, peak_training_bytes
 from chainfed_core.schedule import stage_at
-from chainfed_core.streaming import load_streamed, write_random_store
+from chainfed_core.streaming import LayerStore, load_streamed, write_random_store
 from chainfed_core.train import plan_for, train_local
 
 SHAPES = {
@@ -147,8 +148,29 @@ def step_times(store, window: int, data, repeats: int) -> dict:
             times[key].append(time.perf_counter() - started)
     best = {k: min(v) for k, v in times.items()}
     return {"seconds": times, "prefetch_over_in_memory": best["prefetch"] / best["in_memory"],
-            "prefetch_over_no_prefetch": best["prefetch"] / best["no_prefetch"],
-            "hash_seconds_first_read": models["prefetch"].streamer.store.hash_seconds}
+            "prefetch_over_no_prefetch": best["prefetch"] / best["no_prefetch"]}
+
+
+def verify_read_times(store, repeats: int) -> dict:
+    """Seconds to read every shard of the store once, hashing each read against the manifest
+    (``verify="always"``) vs hashing a file only the first time this process reads it
+    (``verify="once"``, timed after that first read, so no hashing)."""
+    stores = {verify: LayerStore(store, verify=verify) for verify in ("always", "once")}
+    keys = list(stores["once"].manifest["shards"])
+    buffers = {key: stores["once"].allocate(key) for key in keys}
+    for key in keys:                               # page cache warm, every file verified once
+        stores["once"].read_into(key, buffers[key])
+    times = {verify: [] for verify in stores}
+    for _ in range(repeats):                       # interleaved, like step_times
+        for verify, s in stores.items():
+            started = time.perf_counter()
+            for key in keys:
+                s.read_into(key, buffers[key])
+            times[verify].append(time.perf_counter() - started)
+    best = {k: min(v) for k, v in times.items()}
+    return {"bytes": sum(stores["once"].nbytes(k) for k in keys), "seconds": times,
+            "verify_always_s": best["always"], "verify_once_s": best["once"],
+            "always_over_once": best["always"] / best["once"]}
 
 
 def compute_per_round(folder: Path, name: str, n: int, batch_size: int, seq_len: int, window: int) -> dict:
@@ -226,6 +248,10 @@ def main() -> None:
     record["step_times"] = times
     print(f"step time streamed+prefetch / in memory = {times['prefetch_over_in_memory']:.2f}, "
           f"prefetch / no prefetch = {times['prefetch_over_no_prefetch']:.2f}")
+    reads = verify_read_times(store, repeats=2 if args.quick else 3)
+    record["verify_read_times"] = reads
+    print(f"reading the {reads['bytes'] / 2**30:.2f} GiB store: verify always {reads['verify_always_s']:.2f} s, "
+          f"verify once {reads['verify_once_s']:.2f} s ({reads['always_over_once']:.2f}x)")
     per_round = compute_per_round(folder, "minilm-l6", 16 if args.quick else 32, args.batch_size, args.seq_len, 2)
     record["compute_per_round"] = per_round
     print(f"client compute per round ChainFed (cache) / Full Adapters = {per_round['chainfed_over_full_mean']:.2f} "
