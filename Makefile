@@ -7,7 +7,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: setup assets quickstart test unit lock
+.PHONY: setup assets quickstart test unit report lock
+PROFILE ?= quick
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +22,11 @@ quickstart: assets
 		-p max_train 1000 -p max_test 500 -p rounds 6 -p tag full
 	$(PY) -m jupyter nbconvert --to html reports/00_quickstart.ipynb --output-dir reports
 	@echo "report: reports/00_quickstart.html"
+
+# Every result notebook of a profile (quick | cpu-full | gpu-full) through papermill, then one
+# HTML report: make report PROFILE=cpu-full  ->  reports/report_cpu-full.html
+report: assets
+	$(PY) scripts/run_batch.py --profile $(PROFILE)
 
 unit: setup
 	$(PY) -m pytest tests -q
