@@ -45,7 +45,8 @@ def inject_adapters(model: nn.Module, layers: nn.ModuleList, hidden_size: int,
     """Insert an adapter after each layer in ``indices`` (default: all).
 
     The adapters live in ``model.chainfed_adapters`` (a ``ModuleDict`` keyed by layer
-    index as a string) so ``model.parameters()`` and ``.to()`` see them.
+    index as a string) so ``model.parameters()`` and ``.to()`` see them. Their weights are
+    read and written as plain dicts by ``chainfed_core.train.get_state`` / ``set_state``.
     """
     if hasattr(model, ADAPTERS_ATTR):
         raise ValueError("model already has adapters injected")
@@ -68,24 +69,3 @@ def get_adapters(model: nn.Module) -> nn.ModuleDict:
     if not hasattr(model, ADAPTERS_ATTR):
         raise ValueError("model has no adapters: call inject_adapters first")
     return getattr(model, ADAPTERS_ATTR)
-
-
-def adapter_state(model: nn.Module, indices: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Adapter weights as a plain ``{"<layer>.<param>": tensor}`` dict, limited to ``indices``."""
-    adapters = get_adapters(model)
-    keep = None if indices is None else {str(i) for i in indices}
-    return {f"{key}.{name}": p.detach().clone()
-            for key, adapter in adapters.items() if keep is None or key in keep
-            for name, p in adapter.named_parameters()}
-
-
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors of an :func:`adapter_state` dict into the model's adapters (a subset is fine)."""
-    adapters = get_adapters(model)
-    params = {f"{key}.{name}": p for key, adapter in adapters.items() for name, p in adapter.named_parameters()}
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise KeyError(f"unknown adapter tensors {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].copy_(value)

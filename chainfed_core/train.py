@@ -76,13 +76,17 @@ def named_tensors(backbone: Backbone) -> dict[str, nn.Parameter]:
     return named
 
 
+def adapter_names(backbone: Backbone, indices: Iterable[int]) -> list[str]:
+    """Exchange names of the adapters of layers ``indices`` (layers without one are skipped)."""
+    return [f"adapters.{i}.{n}" for i in indices if backbone.adapter(i) is not None
+            for n, _ in backbone.adapter(i).named_parameters()]
+
+
 def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
-    names = []
-    for i in plan.training:
-        if plan.train_base:
-            names += [f"layers.{i}.{n}" for n, _ in backbone.layers[i].named_parameters()]
-        elif backbone.adapter(i) is not None:
-            names += [f"adapters.{i}.{n}" for n, _ in backbone.adapter(i).named_parameters()]
+    if plan.train_base:
+        names = [f"layers.{i}.{n}" for i in plan.training for n, _ in backbone.layers[i].named_parameters()]
+    else:
+        names = adapter_names(backbone, plan.training)
     if plan.train_head:
         names += list(backbone.head_parameters())
     return names

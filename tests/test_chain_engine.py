@@ -48,17 +48,18 @@ def test_layer_runner_sees_trained_adapters_like_the_hf_forward(family):
 
 
 def test_adapter_state_is_limited_to_chosen_layers():
-    from chainfed_core.adapter import adapter_state, load_adapter_state
+    from chainfed_core.train import adapter_names, set_state
 
     bb = tiny_backbone("bert", num_layers=4)
     bb.add_adapters(AdapterConfig(bottleneck=4))
-    state = adapter_state(bb.model, [1, 2])
-    assert sorted({k.split(".")[0] for k in state}) == ["1", "2"]
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    load_adapter_state(bb.model, {k: torch.ones_like(v) for k, v in state.items()})
+    state = get_state(bb, adapter_names(bb, [1, 2]))
+    assert sorted({k.split(".")[1] for k in state}) == ["1", "2"]
+    assert all(k.startswith("adapters.") and isinstance(v, torch.Tensor) for k, v in state.items())
+    set_state(bb, {k: torch.ones_like(v) for k, v in state.items()})
     assert torch.equal(bb.adapter(1).up.weight, torch.ones_like(bb.adapter(1).up.weight))
-    with pytest.raises(KeyError, match="unknown adapter"):
-        load_adapter_state(bb.model, {"9.up.weight": torch.zeros(1)})
+    assert torch.equal(bb.adapter(0).up.weight, torch.zeros_like(bb.adapter(0).up.weight))
+    with pytest.raises(KeyError, match="unknown tensors"):
+        set_state(bb, {"adapters.9.up.weight": torch.zeros(1)})
 
 
 # ---------------------------------------------------------------- schedule (DLCT)
