@@ -30,24 +30,11 @@ import torch
 
 from chainfed_core.actcache import ActivationCache
 from chainfed_core.config import AdapterConfig, TrainConfig
-from chainfed_core.memory import measure_rss, metered_training, peak_training_bytes
+from chainfed_core.memory import (SHAPES, measure_rss, metered_training, peak_training_bytes,
+                                  random_token_dataset)
 from chainfed_core.schedule import stage_at
-from chainfed_core.streaming import LayerStore, load_streamed, write_random_store
+from chainfed_core.streaming import LayerStore, load_streamed, step_times, write_random_store
 from chainfed_core.train import plan_for, train_local
-
-SHAPES = {
-    "minilm-l6": dict(model_type="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                      intermediate_size=1536, vocab_size=30522, num_labels=2),
-    "mpnet-base": dict(model_type="mpnet", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                       intermediate_size=3072, vocab_size=30527, num_labels=2),
-    "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                          intermediate_size=4096, vocab_size=50265, max_position_embeddings=514,
-                          pad_token_id=1, num_labels=2),
-    "llama2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-                      tie_word_embeddings=False),
-}
-
 
 def _config(shape: dict, **changes):
     from transformers import AutoConfig
@@ -56,21 +43,12 @@ def _config(shape: dict, **changes):
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def _dataset(n: int, seq_len: int, vocab: int, seed: int = 0):
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (n, seq_len), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n,
-                              "label": torch.randint(0, 2, (n,), generator=g).tolist()})
-
-
 def encoder_memory(name: str, folder: Path, windows, batch_size: int, seq_len: int) -> dict:
     """Measured peaks: Full Adapters in memory vs ChainFed streamed + cached, same batch."""
     config = _config(SHAPES[name])
     store = write_random_store(config, folder / name)
     L = config.num_hidden_layers
-    data = _dataset(batch_size, seq_len, config.vocab_size)
+    data = random_token_dataset(batch_size, seq_len, config.vocab_size)
     cfg = TrainConfig(batch_size=batch_size, local_steps=1)
     full = load_streamed(store, resident="all", prefetch=False)
     full.add_adapters(AdapterConfig())
@@ -116,7 +94,7 @@ def llama_streamed_step(store: str, window: int, seq_len: int, prefetch: bool = 
     sb = load_streamed(store, prefetch=prefetch, compute_dtype=torch.float32)
     L = sb.num_layers
     sb.add_adapters(AdapterConfig())
-    data = _dataset(1, seq_len, sb.config.vocab_size)
+    data = random_token_dataset(1, seq_len, sb.config.vocab_size)
     plan = plan_for("chainfed", L, stage_at(0, L, L - window, window, 1), lam=0.2)
     reset_peak_rss()
     cache = ActivationCache(sb, max_memory_bytes=64 << 20)
@@ -126,29 +104,6 @@ def llama_streamed_step(store: str, window: int, seq_len: int, prefetch: bool = 
                          prefix=cache.prefix("client", data, plan))
     return {"seconds": time.perf_counter() - started, "loss": result.loss, "peak_rss_step": peak_rss(),
             "max_resident_layers": sb.streamer.max_resident_layers}
-
-
-def step_times(store, window: int, data, repeats: int) -> dict:
-    """Uncached ChainFed steps (prefix streamed too): prefetch on, off, and everything in memory."""
-    L = load_streamed(store).num_layers
-    plan = plan_for("chainfed", L, stage_at(0, L, L - window, window, 1), lam=0.2)
-    cfg = TrainConfig(optimizer="adamw", lr=1e-4, batch_size=1, local_steps=2)
-    runs = {"prefetch": dict(prefetch=True), "no_prefetch": dict(prefetch=False),
-            "in_memory": dict(prefetch=False, resident="all")}
-    models = {k: load_streamed(store, compute_dtype=torch.float32, **kw) for k, kw in runs.items()}
-    times = {k: [] for k in runs}
-    for _ in range(repeats):                       # interleaved: the machine's load hits all alike
-        for key, sb in models.items():
-            if not hasattr(sb.model, "chainfed_adapters"):
-                sb.add_adapters(AdapterConfig())
-            if key != "in_memory":
-                sb.follow(plan)
-            started = time.perf_counter()
-            train_local(sb, data, plan, cfg)
-            times[key].append(time.perf_counter() - started)
-    best = {k: min(v) for k, v in times.items()}
-    return {"seconds": times, "prefetch_over_in_memory": best["prefetch"] / best["in_memory"],
-            "prefetch_over_no_prefetch": best["prefetch"] / best["no_prefetch"]}
 
 
 def verify_read_times(store, repeats: int) -> dict:
@@ -179,7 +134,7 @@ def compute_per_round(folder: Path, name: str, n: int, batch_size: int, seq_len:
     config = _config(SHAPES[name])
     store = folder / name
     L = config.num_hidden_layers
-    data = _dataset(n, seq_len, config.vocab_size)
+    data = random_token_dataset(n, seq_len, config.vocab_size)
     cfg = TrainConfig(batch_size=batch_size)
     full = load_streamed(store, resident="all", prefetch=False)
     full.add_adapters(AdapterConfig())
@@ -244,7 +199,7 @@ def main() -> None:
     record["llama_rss"] = rss
     print(f"LLaMA2-7B-width W=2 streamed step: peak RSS {rss['peak_rss'] / 2**30:.2f} GiB "
           f"(baseline after imports {rss['baseline_rss'] / 2**30:.2f} GiB), {rss['result']['seconds']:.1f} s")
-    times = step_times(store, 1, _dataset(1, args.seq_len // 2, 32000), repeats=1 if args.quick else 2)
+    times = step_times(store, 1, random_token_dataset(1, args.seq_len // 2, 32000), repeats=1 if args.quick else 2)
     record["step_times"] = times
     print(f"step time streamed+prefetch / in memory = {times['prefetch_over_in_memory']:.2f}, "
           f"prefetch / no prefetch = {times['prefetch_over_no_prefetch']:.2f}")

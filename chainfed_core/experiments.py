@@ -271,32 +271,19 @@ def _hf_config(model_name: str, num_labels: int = 2):
     return AutoConfig.from_pretrained(model_path(model_name), num_labels=num_labels)
 
 
-def peak_memory_bytes(config: RunConfig, window: int | None = None) -> Optional[int]:
-    """Peak training memory of one client from :func:`chainfed_core.memory.peak_training_bytes`.
-
-    ChainFed streams its layers (only the window is resident); Full Adapters keeps every layer.
-    FFT is Full Adapters plus gradients and optimizer state for every layer's weights. Linear
-    probing and no fine-tuning are not modelled (None). The sequence length is the tokenizer's
-    ``max_length``, an upper bound on the padded batches.
+def peak_memory_bytes(config: RunConfig, window: int | None = None) -> int:
+    """Peak memory of one client from :func:`chainfed_core.memory.client_peak_bytes`, the
+    estimate the simulator selects clients with (ChainFed streamed; every other method holds
+    the whole model). The sequence length is the tokenizer's ``max_length``, an upper bound
+    on the padded batches.
     """
     from . import memory
 
-    method = config.method
-    if method not in ("chainfed", "full_adapters", "fft"):
-        return None
-    hf = _hf_config(config.model.name)
-    kwargs = dict(batch_size=config.train.batch_size, seq_len=config.model.max_length,
-                  bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer)
-    if method == "chainfed":
-        w = min(window or config.chain.window, num_layers(config.model.name))
-        return memory.peak_training_bytes(hf, "chainfed", window=w, streamed=True, **kwargs).total
-    estimate = memory.peak_training_bytes(hf, "full_adapters", **kwargs)
-    if method == "full_adapters":
-        return estimate.total
-    sizes = memory.part_sizes(hf)
-    layer_params = sizes["num_layers"] * sizes["layer"]
-    states = 2 if config.train.optimizer == "adamw" else 1
-    return estimate.total + layer_params * 4 * (1 + states)      # float32 gradients + optimizer state
+    w = min(window or config.chain.window, num_layers(config.model.name))
+    return memory.client_peak_bytes(_hf_config(config.model.name), config.method, w,
+                                    batch_size=config.train.batch_size, seq_len=config.model.max_length,
+                                    bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer,
+                                    dtype=config.model.dtype).total
 
 
 def rounds_to_target(curve: list, target: float) -> tuple[float, float]:

@@ -5,9 +5,10 @@ One run, top to bottom (:func:`run`):
 1. Population: N clients, each a partition of the training set (index ranges of one
    array, so memory does not grow with N) and a device memory capacity drawn from a
    profile as a pure function of (seed, client id).
-2. Eligibility: the method's peak training memory (:func:`peak_training_bytes`) decides
-   which devices can take part; with ``fed.window_from_memory`` the chain window W is the
-   widest the smallest eligible device can hold (paper D.3).
+2. Eligibility: the method's peak training memory (:func:`chainfed_core.memory.client_peak_bytes`,
+   ChainFed with its layers streamed, as deployed) decides which devices can take part; with
+   ``fed.window_from_memory`` the chain window W is the widest the smallest eligible device
+   can hold (paper D.3).
 3. FOAT (chainfed, unless ``chain.start_layer`` is set): sampled clients profile one batch,
    the server averages the layer scores and picks the chain's start layer.
 4. Rounds: sample K eligible clients, send each the window (and any tensor it has not seen
@@ -37,6 +38,7 @@ import torch
 
 from . import foat
 from .aggregation import fedavg, merge, stale_names, state_bytes
+from .memory import client_peak_bytes
 from .partition import client_indices
 from .backbone import Backbone
 from .config import RunConfig
@@ -97,62 +99,6 @@ def device_capacity_gb(seed: int, client_ids, profile: str) -> np.ndarray:
     if probs is None:
         return tiers[0] + u * (tiers[1] - tiers[0])
     return tiers[np.searchsorted(np.cumsum(probs), u, side="right").clip(max=len(tiers) - 1)]
-
-
-# ---------------------------------------------------------------------- memory estimate
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden: int
-    heads: int
-    embed_bytes: int
-    layer_bytes: int
-    head_bytes: int
-    adapter_bytes: int    # one layer's adapter
-
-
-def model_shape(backbone: Backbone) -> ModelShape:
-    def nbytes(params) -> int:
-        return sum(p.numel() * p.element_size() for p in params)
-    layer_ids = {id(p) for layer in backbone.layers for p in layer.parameters()}
-    head_ids = {id(p) for p in backbone.head_parameters().values()}
-    adapters = getattr(backbone.model, "chainfed_adapters", None)
-    adapter_ids = {id(p) for p in adapters.parameters()} if adapters is not None else set()
-    rest = [p for p in backbone.model.parameters() if id(p) not in layer_ids | head_ids | adapter_ids]
-    first_adapter = next(iter(adapters.values())) if adapters else None
-    return ModelShape(num_layers=backbone.num_layers, hidden=backbone.hidden_size,
-                      heads=int(getattr(backbone.config, "num_attention_heads", None) or backbone.config.n_heads),
-                      embed_bytes=nbytes(rest), layer_bytes=nbytes(backbone.layers[0].parameters()),
-                      head_bytes=nbytes(backbone.head_parameters().values()),
-                      adapter_bytes=nbytes(first_adapter.parameters()) if first_adapter is not None else 0)
-
-
-def peak_training_bytes(method: str, shape: ModelShape, window: int, batch_size: int, seq_len: int,
-                        optimizer: str = "sgd") -> int:
-    """Rough peak memory of local training (weights + saved activations + optimizer state).
-
-    A stand-in for ``chainfed_core.memory`` behind one function. Chainfed keeps the window
-    and one streamed frozen layer resident and saves activations for the window alone;
-    end-to-end methods keep every layer and save activations for all of them.
-    """
-    L, states = shape.num_layers, (2 if optimizer == "sgd" else 3)   # grad + momentum (+ 2nd moment)
-    saved = 4 * batch_size * seq_len * (18 * shape.hidden + 3 * shape.heads * seq_len)   # one layer, backprop
-    live = 4 * batch_size * seq_len * shape.hidden * 4                                 # one layer, forward only
-    all_weights = shape.embed_bytes + shape.head_bytes + L * (shape.layer_bytes + shape.adapter_bytes)
-    head = states * shape.head_bytes
-    if method == "chainfed":
-        w = min(window, L)
-        resident = shape.embed_bytes + shape.head_bytes + (w + 1) * shape.layer_bytes + L * shape.adapter_bytes
-        return resident + w * (saved + states * shape.adapter_bytes) + head
-    if method == "full_adapters":
-        return all_weights + L * (saved + states * shape.adapter_bytes) + head
-    if method == "fft":
-        return all_weights + L * (saved + states * shape.layer_bytes) + head
-    if method == "linear_probe":
-        return all_weights + live + head
-    if method == "no_ft":
-        return all_weights + live
-    raise ValueError(f"RunConfig.method: unknown method {method!r}")
 
 
 # ---------------------------------------------------------------------- task: model and data
@@ -281,9 +227,13 @@ class Server:
         self.config = config
         cfg, L = config, backbone.num_layers
         self.num_layers = L
-        self.shape = model_shape(backbone)
-        peak = lambda method, w: peak_training_bytes(method, self.shape, w, cfg.train.batch_size, seq_len,  # noqa: E731
-                                                     cfg.train.optimizer)
+        dtype = str(next(backbone.layers.parameters()).dtype).removeprefix("torch.")
+
+        def peak(method: str, w: int) -> int:
+            """Analytic peak of one client; ChainFed's assumes a streamed client (client_peak_bytes)."""
+            return client_peak_bytes(backbone.config, method, w, batch_size=cfg.train.batch_size, seq_len=seq_len,
+                                     bottleneck=cfg.adapter.bottleneck, optimizer=cfg.train.optimizer,
+                                     dtype=dtype).total
         self.bytes_per_gb = cfg.fed.memory_scale or peak("full_adapters", L) / LARGEST_DEVICE_GB
         capacity = np.asarray(capacity_gb, dtype=np.float64) * self.bytes_per_gb
         window = cfg.chain.window

@@ -12,7 +12,8 @@ Three tools, from most to least direct:
   and reports its peak resident set (``VmHWM`` after writing 5 to
   ``/proc/self/clear_refs``): what the operating system sees, allocator slack included.
 - :func:`peak_training_bytes` predicts the meter's peak from a model config alone, for
-  shapes that cannot run here (LLaMA2-7B/13B) and for memory-aware client selection.
+  shapes that cannot run here (LLaMA2-7B/13B); :func:`client_peak_bytes` applies it to a
+  federated client as deployed (memory-aware selection, result tables).
 """
 
 from __future__ import annotations
@@ -327,41 +328,75 @@ def _layer_activation_elements(family: str, d: dict[str, int], seq_len: int, bot
     return 7 * H + d["heads"] + I + r + 4
 
 
-def peak_training_bytes(model_config_like, method: Literal["full_adapters", "chainfed"], window: int = 1,
-                        batch_size: int = 8, seq_len: int = 128, dtype: str = "float32",
+def _fft_layer_activation_elements(family: str, d: dict[str, int], seq_len: int) -> int:
+    """Per-token elements saved by one layer whose own weights train (no adapter).
+
+    As :func:`_layer_activation_elements` without the adapter (H + r), plus the inputs the
+    trainable projections keep for their weight gradients that are not saved already: the
+    two normalisation outputs (2H) and the activation output feeding the down projection (I).
+    """
+    return _layer_activation_elements(family, d, seq_len, 0) - d["H"] + 2 * d["H"] + d["I"]
+
+
+def _inference_elements(family: str, d: dict[str, int], seq_len: int) -> int:
+    """Per-token elements alive at the widest point of one layer's forward under ``no_grad``,
+    its input included: the attention block (input, q, k, v, attention output, its reshaped
+    copy and the projection) or the feed-forward block (input, normalised input, the up
+    projection and its activation; LLaMA's gate, up and their product)."""
+    H, I = d["H"], d["I"]
+    if family == "llama":
+        return max(6 * H + 4 * d["kv"] * d["head_dim"], 3 * H + 3 * I)
+    attention = 7 * H + (2 * d["heads"] * seq_len if family == "mpnet" else 0)   # eager scores, probabilities
+    return max(attention, 3 * H + 2 * I)
+
+
+METHODS = ("full_adapters", "chainfed", "fft", "linear_probe", "no_ft")
+
+
+def peak_training_bytes(model_config_like, method: Literal["full_adapters", "chainfed", "fft", "linear_probe", "no_ft"],
+                        window: int = 1, batch_size: int = 8, seq_len: int = 128, dtype: str = "float32",
                         compute_dtype: str | None = None, bottleneck: int = 64,
                         optimizer: Literal["sgd", "adamw"] = "sgd", streamed: bool = False,
                         cached: bool = False, cache_bytes: int = 0, gpo: bool = True,
                         window_start: int = 0) -> MemoryEstimate:
-    """Predicted peak tensor bytes of one client's adapter training step.
+    """Predicted peak tensor bytes of one client's training step (or, for ``no_ft``, inference).
 
     Args:
         model_config_like: a HF config or a dict with ``model_type`` and the config's fields
             (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ...).
-        method: ``"full_adapters"`` (every layer's adapter, end to end) or ``"chainfed"``
-            (a window of ``window`` adapters after a frozen prefix).
+        method: ``"full_adapters"`` (every layer's adapter, end to end), ``"chainfed"``
+            (a window of ``window`` adapters after a frozen prefix), ``"fft"`` (every layer's
+            own weights train, end to end, no adapters), ``"linear_probe"`` (the head trains
+            on a forward-only pass through every layer) or ``"no_ft"`` (one forward pass of
+            a batch, nothing trains).
         window: W, the number of adapters trained together (chainfed).
         batch_size, seq_len: tokens per step are ``batch_size * seq_len``.
-        dtype: storage dtype of the frozen weights; ``compute_dtype`` that of activations
+        dtype: storage dtype of the frozen weights (and of FFT's trainable layer weights,
+            their gradients and optimizer state); ``compute_dtype`` that of activations
             (default: ``dtype``). Adapters and classification heads are float32.
         bottleneck: adapter size r. optimizer: ``"sgd"`` (momentum: one state tensor per
             parameter) or ``"adamw"`` (two).
         streamed: chainfed reads layers from a layer store: only the window, the head and
             (when the prefix is computed, not cached) the embeddings and one prefetched part
-            are resident; otherwise every weight is.
+            are resident; otherwise every weight is. Other methods keep every weight.
         cached: the window's input comes from the activation cache (no prefix forward);
-            ``cache_bytes`` is the part of the cache held in memory.
+            ``cache_bytes`` is the part of the cache held in memory (chainfed only).
         gpo: chainfed's global branch runs the later adapters and the head a second time.
         window_start: first layer of the window; the default 0 leaves the most later
             adapters to GPO's global branch (the largest chainfed peak).
 
-    The first trained
-    layer saves only its adapter's activations because its input needs no gradient. The
-    model covers tensor bytes, as :class:`MemoryMeter` counts them; the process adds the
-    runtime and allocator slack (:func:`measure_rss`).
+    The first trained layer of the adapter methods saves only its adapter's activations
+    because its input needs no gradient; under FFT every layer saves its inputs for its
+    weight gradients. A causal LM's head (final norm and LM head) is frozen, so linear
+    probing a LLaMA trains nothing and its peak is the weights. The gradients of a step are
+    freed only after the next step's forward, so gradients, optimizer state and activations
+    are live together. The model covers tensor bytes, as :class:`MemoryMeter` counts them;
+    the process adds the runtime and allocator slack (:func:`measure_rss`).
     """
-    if method not in ("full_adapters", "chainfed"):
-        raise ValueError(f"method: {method!r} is not one of ['full_adapters', 'chainfed']")
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {list(METHODS)}")
+    if (streamed or cached) and method != "chainfed":
+        raise ValueError(f"streamed/cached: only 'chainfed' streams layers or caches its prefix, not {method!r}")
     config = _hf_config(model_config_like)
     family = config.model_type
     sizes = part_sizes(config)
@@ -373,49 +408,152 @@ def peak_training_bytes(model_config_like, method: Literal["full_adapters", "cha
     cb = _BYTES[compute_dtype or dtype]
     H, r, B, T = d["H"], bottleneck, batch_size, seq_len
     causal = family == "llama"
+    adapters = method in ("full_adapters", "chainfed")
 
-    # Weights. Classification heads are float32 and trainable; the LM head is frozen.
-    head_bytes = sizes["head"] * (wb if causal else 4)
+    # Weights. Classification heads are float32 and trainable (frozen under no_ft); the LM head is frozen.
+    head_trains = not causal and method != "no_ft"
     if method == "chainfed" and streamed:
-        resident_layers = window
         prefetch = 0 if cached else sizes["embed"]      # next step's first part, read during the window
-        frozen = (sizes["rest"] + resident_layers * sizes["layer"] + prefetch) * wb
+        frozen = (sizes["rest"] + window * sizes["layer"] + prefetch) * wb
     else:
         frozen = (sizes["embed"] + sizes["rest"] + L * sizes["layer"]) * wb
-    if causal:
-        frozen += head_bytes
-    adapter_params = 2 * H * r + H + r
-    head_trainable = 0 if causal else sizes["head"]
-    trainable = (L * adapter_params + head_trainable) * 4
-    trained_adapters = L if method == "full_adapters" else window
-    grads = (trained_adapters * adapter_params + head_trainable) * 4
+    frozen += 0 if head_trains else sizes["head"] * (wb if causal else 4)
+    adapter_params = 2 * H * r + H + r if adapters else 0
+    head_trainable = sizes["head"] * 4 if head_trains else 0
+    trainable = L * adapter_params * 4 + head_trainable
+    if method == "fft":                                  # the layers' own weights move to trainable
+        frozen -= L * sizes["layer"] * wb
+        trainable += L * sizes["layer"] * wb
+    trained_adapters = {"full_adapters": L, "chainfed": window}.get(method, 0)
+    grads = trained_adapters * adapter_params * 4 + head_trainable
+    grads += L * sizes["layer"] * wb if method == "fft" else 0
     opt = grads * (2 if optimizer == "adamw" else 1)
 
     # Activations (elements of the compute dtype).
-    per_token = _layer_activation_elements(family, d, T, r)
-    trained = L if method == "full_adapters" else window
-    saved = (trained - 1) * per_token + (H + r)            # first trained layer: its adapter only
-    subsequent = 0 if method == "full_adapters" or not gpo else max(L - window_start - window, 0)
-    saved += subsequent * r                                  # global branch through later frozen adapters
-    acts = B * T * saved * cb
-    acts += B * T * T * cb                                   # attention mask (B, 1, T, T), shared by layers
-    if family == "mpnet":
-        acts += B * d["heads"] * T * T * cb                  # relative position bias
-    if causal:
-        branches = 2 if subsequent else 1
-        acts += B * T * (H + 1) * 4 * branches               # final RMSNorm input and rstd
-        acts += B * T * d["V"] * (cb + 4 * branches)         # logits, and the log-softmax of each branch
-        acts += 2 * T * d["head_dim"] * cb                   # rotary cos / sin
+    if method in ("no_ft", "linear_probe"):
+        acts = 0
+        if head_trains or method == "no_ft":             # a causal LM's linear probe never runs a step
+            acts = B * T * _inference_elements(family, d, T) * cb
+            acts += B * T * T * cb                       # attention mask
+            if family == "mpnet":
+                acts += B * d["heads"] * T * T * cb      # relative position bias
+            acts += B * T * d["V"] * (cb + 4) if causal else B * H * 4 * 4   # logits and log-softmax; pooled
+            if method == "linear_probe":
+                acts += B * T * H * cb                   # the last step's output, held until the next prefix returns
     else:
-        acts += B * H * 4 * 4                                # pooled features and their gradients
-    acts += B * T * H * cb * 2                               # window input and the layer output in flight
-    acts += B * T * (d["I"] + 3 * H) * cb                    # one layer's backward working set
+        if method == "fft":
+            saved = L * _fft_layer_activation_elements(family, d, T)
+        else:
+            per_token = _layer_activation_elements(family, d, T, r)
+            trained = L if method == "full_adapters" else window
+            saved = (trained - 1) * per_token + (H + r)        # first trained layer: its adapter only
+        subsequent = 0 if method != "chainfed" or not gpo else max(L - window_start - window, 0)
+        saved += subsequent * r                                  # global branch through later frozen adapters
+        acts = B * T * saved * cb
+        acts += B * T * T * cb                                   # attention mask (B, 1, T, T), shared by layers
+        if family == "mpnet":
+            acts += B * d["heads"] * T * T * cb                  # relative position bias
+        if causal:
+            branches = 2 if subsequent else 1
+            acts += B * T * (H + 1) * 4 * branches               # final RMSNorm input and rstd
+            acts += B * T * d["V"] * (cb + 4 * branches)         # logits, and the log-softmax of each branch
+            acts += 2 * T * d["head_dim"] * cb                   # rotary cos / sin
+        else:
+            acts += B * H * 4 * 4                                # pooled features and their gradients
+        acts += B * T * H * cb * 2                               # window input and the layer output in flight
+        acts += B * T * (d["I"] + 3 * H) * cb                    # one layer's backward working set
 
     return MemoryEstimate(frozen_weights=int(frozen), trainable=int(trainable), gradients=int(grads),
                           optimizer_state=int(opt), activations=int(acts), cache=int(cache_bytes if cached else 0),
                           notes={"family": family, "num_layers": L, "window": window, "method": method,
                                  "streamed": streamed, "cached": cached, "batch_size": B, "seq_len": T,
                                  "dtype": dtype, "compute_dtype": compute_dtype or dtype})
+
+
+def client_peak_bytes(model_config_like, method: str, window: int = 1, *, batch_size: int, seq_len: int,
+                      bottleneck: int = 64, optimizer: Literal["sgd", "adamw"] = "sgd",
+                      dtype: str = "float32") -> MemoryEstimate:
+    """Peak memory of one federated client running ``method`` as the method is deployed.
+
+    The one estimate behind memory-aware client selection, ``fed.window_from_memory`` and
+    the peak memory column of the result tables. ChainFed clients are taken to stream their
+    layers from a layer store (``streamed=True``, prefix recomputed, not cached): the
+    paper's memory claim is for such clients, so eligibility reflects ChainFed as deployed
+    even though the in-process simulator keeps every layer in memory. Every other method
+    holds the whole model.
+    """
+    return peak_training_bytes(model_config_like, method, window if method == "chainfed" else 1,
+                               batch_size=batch_size, seq_len=seq_len, dtype=dtype, bottleneck=bottleneck,
+                               optimizer=optimizer, streamed=method == "chainfed")
+
+
+# ---------------------------------------------------------------------- paper shapes, measured
+# HF config fields of the paper's models (random weights of these shapes stand in for them).
+# MiniLM-L6 plays the paper's DistilBERT role, MPNet-base its BERT-base role.
+SHAPES: dict[str, dict[str, Any]] = {
+    "minilm-l6": dict(model_type="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                      intermediate_size=1536, vocab_size=30522, num_labels=2),
+    "mpnet-base": dict(model_type="mpnet", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072, vocab_size=30527, num_labels=2),
+    "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                          intermediate_size=4096, vocab_size=50265, max_position_embeddings=514,
+                          pad_token_id=1, num_labels=2),
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                      tie_word_embeddings=False),
+    "llama2-13b": dict(model_type="llama", hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
+                       tie_word_embeddings=False),
+}
+
+
+def random_token_dataset(n: int, seq_len: int, vocab: int, num_labels: int = 2, seed: int = 0):
+    """``n`` unpadded rows of ``seq_len`` random token ids with random labels (a tokenized Dataset)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, seq_len), generator=g)      # (n, T)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n,
+                              "label": torch.randint(0, num_labels, (n,), generator=g).tolist()})
+
+
+def measure_peak(config_like, method: str, window: int = 1, *, batch_size: int, seq_len: int, folder,
+                 bottleneck: int = 64, streamed: bool = False, window_start: int = 0) -> MemoryReport:
+    """The meter's peak over two steps of ``method`` (``no_ft``: two inference batches) on a
+    random-weight model of a config's shape, float32 with SGD: the setting
+    :func:`peak_training_bytes` predicts for the same arguments.
+
+    The weights are written once as a layer store in ``folder`` (reused when it is there);
+    ``streamed`` ChainFed reads them part by part with prefetch, otherwise all are resident.
+    """
+    from pathlib import Path
+
+    from .config import AdapterConfig, TrainConfig
+    from .schedule import stage_at
+    from .streaming import MANIFEST, LayerStore, load_streamed, write_random_store
+    from .train import evaluate, plan_for
+
+    config = _hf_config(config_like)
+    folder = Path(folder)
+    store = LayerStore(folder) if (folder / MANIFEST).exists() else write_random_store(config, folder)
+    bb = load_streamed(store, prefetch=streamed, resident="streamed" if streamed else "all")
+    if method in ("full_adapters", "chainfed"):
+        bb.add_adapters(AdapterConfig(bottleneck=bottleneck))
+    L = bb.num_layers
+    stage = stage_at(window_start, L, 0, window, 1) if method == "chainfed" else None
+    plan = plan_for(method, L, stage, lam=0.1)
+    if streamed:
+        bb.follow(plan)
+    data = random_token_dataset(2 * batch_size, seq_len, config.vocab_size, getattr(config, "num_labels", 2))
+    try:
+        if method == "no_ft":
+            with MemoryMeter(bb) as meter:
+                evaluate(bb, data, batch_size=batch_size)
+            return meter.report()
+        report, _ = metered_training(bb, data, plan, TrainConfig(batch_size=batch_size, local_steps=2))
+        return report
+    finally:
+        bb.streamer.close()
 
 
 if __name__ == "__main__":

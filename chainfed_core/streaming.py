@@ -36,6 +36,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -313,8 +314,6 @@ class LayerStore:
 
     def read_into(self, key: str, buffer: torch.Tensor) -> None:
         """Read a shard's bytes into ``buffer`` and check them against the manifest."""
-        import time
-
         entry = self.manifest["shards"][key]
         path = self.path(key)
         try:
@@ -617,6 +616,41 @@ def load_streamed(store: LayerStore | str | os.PathLike, *, prefetch: bool = Tru
             bb.streamer._materialise(key)
         bb.residency = _AllResident()
     return bb
+
+
+def step_times(store: LayerStore | str | os.PathLike, window: int, dataset, *, repeats: int = 2,
+               local_steps: int = 2, compute_dtype: torch.dtype | None = torch.float32) -> dict:
+    """Seconds per local round of ChainFed's last window, uncached (the prefix is streamed too):
+    streamed with prefetch, streamed without, and every part resident (paper Appendix G.2).
+
+    The three models are timed in turn ``repeats`` times, so a busy machine slows all alike;
+    the ratios use each setting's fastest round.
+    """
+    from .config import AdapterConfig, TrainConfig
+    from .schedule import stage_at
+    from .train import plan_for, train_local
+
+    settings = {"prefetch": dict(prefetch=True), "no_prefetch": dict(prefetch=False),
+                "in_memory": dict(prefetch=False, resident="all")}
+    models = {k: load_streamed(store, compute_dtype=compute_dtype, **kw) for k, kw in settings.items()}
+    L = models["prefetch"].num_layers
+    plan = plan_for("chainfed", L, stage_at(0, L, L - window, window, 1), lam=0.2)
+    cfg = TrainConfig(optimizer="adamw", lr=1e-4, batch_size=1, local_steps=local_steps)
+    for sb in models.values():
+        sb.add_adapters(AdapterConfig())
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    for _ in range(repeats):
+        for key, sb in models.items():
+            if key != "in_memory":
+                sb.follow(plan)
+            started = time.perf_counter()
+            train_local(sb, dataset, plan, cfg)
+            times[key].append(time.perf_counter() - started)
+    for sb in models.values():
+        sb.streamer.close()
+    best = {k: min(v) for k, v in times.items()}
+    return {"seconds": times, "prefetch_over_in_memory": best["prefetch"] / best["in_memory"],
+            "prefetch_over_no_prefetch": best["prefetch"] / best["no_prefetch"]}
 
 
 class _AllResident:

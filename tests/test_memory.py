@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from chainfed_core.config import AdapterConfig, TrainConfig
-from chainfed_core.memory import (CATEGORIES, MemoryMeter, measure_rss, metered_training, peak_training_bytes,
-                                  tagged)
+from chainfed_core.memory import (CATEGORIES, MemoryMeter, client_peak_bytes, measure_peak, measure_rss,
+                                  metered_training, peak_training_bytes, tagged)
 from chainfed_core.schedule import stage_at
-from chainfed_core.tiny import tiny_backbone, tiny_dataset
-from chainfed_core.train import plan_for
+from chainfed_core.tiny import tiny_backbone, tiny_config, tiny_dataset
+from chainfed_core.train import evaluate, plan_for
 
 
 def test_meter_counts_exact_bytes_and_frees():
@@ -67,6 +67,54 @@ def test_analytic_model_within_ten_percent_of_meter(family, method, window, star
     estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
     assert report.breakdown["activations"] > 0.3 * report.peak_bytes   # activations matter on this shape
     assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "llama"])
+@pytest.mark.parametrize("method", ["fft", "linear_probe", "no_ft"])
+def test_analytic_model_of_baselines_within_ten_percent_of_meter(family, method):
+    L, B, T = 6, 8, 32
+    bb = tiny_backbone(family, num_layers=L, hidden=64)              # no adapters: these methods add none
+    data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
+    if method == "no_ft":                                             # inference: forward passes of B examples
+        with MemoryMeter(bb) as meter:
+            evaluate(bb, data, batch_size=B)
+        report = meter.report()
+    else:
+        report, _ = metered_training(bb, data, plan_for(method, L), TrainConfig(batch_size=B, local_steps=2))
+    estimate = peak_training_bytes(bb.config, method, 1, B, T)
+    assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
+    if method == "fft":
+        assert estimate.gradients == report.breakdown["gradients"]     # every layer's weights and the head
+    if method == "no_ft":
+        assert estimate.gradients == estimate.optimizer_state == 0
+
+
+def test_only_chainfed_streams():
+    with pytest.raises(ValueError, match="streamed/cached"):
+        peak_training_bytes(tiny_backbone("bert").config, "full_adapters", streamed=True)
+    with pytest.raises(ValueError, match="method: 'lora'"):
+        peak_training_bytes(tiny_backbone("bert").config, "lora")
+
+
+def test_client_estimate_orders_methods_and_streams_chainfed():
+    roberta_large = {"model_type": "roberta", "hidden_size": 1024, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "intermediate_size": 4096, "vocab_size": 50265,
+                     "max_position_embeddings": 514, "pad_token_id": 1}
+    peak = {m: client_peak_bytes(roberta_large, m, 2, batch_size=8, seq_len=128).total
+            for m in ("no_ft", "linear_probe", "chainfed", "full_adapters", "fft")}
+    assert peak["chainfed"] < peak["no_ft"] < peak["linear_probe"] < peak["full_adapters"] < peak["fft"]
+    streamed = peak_training_bytes(roberta_large, "chainfed", 2, 8, 128, streamed=True)
+    assert peak["chainfed"] == streamed.total
+
+
+def test_measured_peak_of_a_shape_agrees_with_the_client_estimate(tmp_path):
+    config = tiny_config("llama", num_layers=4, hidden=64)
+    for method, window in [("full_adapters", 1), ("chainfed", 2)]:      # chainfed streamed, as deployed
+        report = measure_peak(config, method, window, batch_size=8, seq_len=32, bottleneck=16,
+                              streamed=method == "chainfed", folder=tmp_path / "store")
+        estimate = client_peak_bytes(config, method, window, batch_size=8, seq_len=32, bottleneck=16)
+        assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
+        assert abs(estimate.frozen_weights / report.breakdown["frozen_weights"] - 1) <= 0.01
 
 
 def test_analytic_model_scales_to_llama_7b_without_memory():

@@ -193,3 +193,11 @@ def test_random_bf16_store_with_float32_compute(tmp_path):
     a, b = streamed.forward(batch), in_memory.forward(batch)
     assert a.dtype == torch.float32 and torch.equal(a, b)
     assert streamed.streamer.max_resident_layers <= 2
+
+
+def test_step_times_times_three_settings_in_turn(tmp_path):
+    store = save_layer_store(tiny_backbone("bert", num_layers=3, hidden=32), tmp_path / "store")
+    out = streaming.step_times(store, 1, tiny_dataset(2, 8), repeats=2, local_steps=1)
+    assert {k: len(v) for k, v in out["seconds"].items()} == {"prefetch": 2, "no_prefetch": 2, "in_memory": 2}
+    best = {k: min(v) for k, v in out["seconds"].items()}
+    assert out["prefetch_over_in_memory"] == best["prefetch"] / best["in_memory"]
