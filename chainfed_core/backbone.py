@@ -16,6 +16,8 @@ materialise a layer just before it runs.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, inject_adapters, get_adapters
-from .config import FAMILIES, AdapterConfig, ModelConfig
+from .config import FAMILIES, POOLINGS, AdapterConfig, ModelConfig
 
 IGNORE_INDEX = -100
 
@@ -75,12 +77,19 @@ def _attr(obj: Any, path: str) -> Any:
 class Backbone:
     """A HF task model viewed as embeddings -> layers[0..L-1] -> head."""
 
-    def __init__(self, model: nn.Module, family: str):
+    def __init__(self, model: nn.Module, family: str, pooling: str = "cls"):
         if family not in _FAMILIES:
             raise ValueError(f"ModelConfig.family: {family!r} is not one of {list(FAMILIES)}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"ModelConfig.pooling: {pooling!r} is not one of {POOLINGS}")
+        if pooling == "mean" and _FAMILIES[family].causal_lm:
+            raise ValueError(f"ModelConfig.pooling: 'mean' applies to classifiers, not the {family} causal LM")
         self.model = model
         self.family = family
+        self.pooling = pooling
         self.spec = _FAMILIES[family]
+        # Mean pooling replaces BERT's [CLS] pooler, which then neither trains nor travels.
+        self.head_paths = tuple(p for p in self.spec.head if not (pooling == "mean" and p == "bert.pooler"))
         self.base = _attr(model, self.spec.base)
         self.layers: nn.ModuleList = _attr(self.base, self.spec.layers)
         self.config = model.config
@@ -98,16 +107,16 @@ class Backbone:
 
     def head_modules(self) -> list[nn.Module]:
         """Modules trained alongside the adapters (classifier heads; none for an LM head)."""
-        return [_attr(self.model, p) for p in self.spec.head if _attr(self.model, p) is not None]
+        return [_attr(self.model, p) for p in self.head_paths if _attr(self.model, p) is not None]
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {f"head.{path}.{name}": p.detach().clone()
-                for path in self.spec.head if _attr(self.model, path) is not None
+                for path in self.head_paths if _attr(self.model, path) is not None
                 for name, p in _attr(self.model, path).named_parameters()}
 
     def head_parameters(self) -> dict[str, nn.Parameter]:
         return {f"head.{path}.{name}": p
-                for path in self.spec.head if _attr(self.model, path) is not None
+                for path in self.head_paths if _attr(self.model, path) is not None
                 for name, p in _attr(self.model, path).named_parameters()}
 
     def add_adapters(self, config: AdapterConfig, indices: list[int] | None = None) -> nn.ModuleDict:
@@ -169,6 +178,14 @@ class Backbone:
         m = self.model
         if self.family == "llama":
             return m.lm_head(self.base.norm(hidden))
+        if self.pooling == "mean":
+            mask = ctx.attention_mask.unsqueeze(-1).to(hidden.dtype)          # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)         # (B, H)
+            if self.family == "bert":
+                return m.classifier(m.dropout(pooled))
+            if self.family == "distilbert":
+                return m.classifier(m.dropout(F.relu(m.pre_classifier(pooled))))
+            return m.classifier(pooled.unsqueeze(1))        # roberta / mpnet heads read token 0
         if self.family == "bert":
             pooled = self.base.pooler(hidden)                 # (B, H) from [CLS]
             return m.classifier(m.dropout(pooled))
@@ -205,10 +222,27 @@ def detect_family(config) -> str:
     return family
 
 
-def from_model(model: nn.Module, family: str | None = None) -> Backbone:
+def from_model(model: nn.Module, family: str | None = None, pooling: str = "cls") -> Backbone:
     """Wrap an already built HF model (eval mode: the frozen base runs without dropout)."""
     model.eval()
-    return Backbone(model, family or detect_family(model.config))
+    return Backbone(model, family or detect_family(model.config), pooling)
+
+
+def resolve_pooling(pooling: str, path: str | os.PathLike) -> str:
+    """``auto``: ``mean`` for a sentence-transformers checkpoint whose ``1_Pooling/config.json``
+    asks for mean pooling (all-MiniLM-L6-v2, all-mpnet-base-v2 were trained that way), else
+    ``cls`` (the task head as transformers builds it)."""
+    if pooling != "auto":
+        return pooling
+    pooling_config = Path(path) / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        try:
+            modes = json.loads(pooling_config.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"ModelConfig.pooling: {pooling_config} is not valid JSON ({err})") from err
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"
 
 
 def load_backbone(config: ModelConfig, num_labels: int | None = None) -> Backbone:
@@ -232,7 +266,8 @@ def load_backbone(config: ModelConfig, num_labels: int | None = None) -> Backbon
         if num_labels is None:
             raise ValueError("num_labels is required for a classification model")
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    bb = from_model(model, family)
+    pooling = "cls" if _FAMILIES[family].causal_lm else resolve_pooling(config.pooling, path)
+    bb = from_model(model, family, pooling)
     for module in bb.head_modules():
         module.float()
     return bb

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 
 # Families whose layer structure chainfed_core.backbone knows how to split.
 FAMILIES = ("bert", "distilbert", "roberta", "mpnet", "llama")
+POOLINGS = ("cls", "mean")
 BERT_LIKE = ("bert", "distilbert", "roberta", "mpnet")
 METHODS = ("chainfed", "full_adapters", "linear_probe", "no_ft", "fft")
 
@@ -90,10 +91,16 @@ class ModelConfig(_Config):
     family: Optional[str] = _help(f"Model family, one of {FAMILIES}; None reads it from the HF config.", None)
     max_length: int = _help("Tokenizer truncation length.", 64)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype of the frozen base weights.", "float32")
+    pooling: Literal["auto", "cls", "mean"] = _help(
+        "What the classifier reads: 'cls' (the first token, through the head transformers builds), "
+        "'mean' (masked mean of the token states, the sentence-transformers convention), 'auto' "
+        "('mean' for a sentence-transformers checkpoint that pools by mean, else 'cls').", "auto")
 
     def __post_init__(self):
         if self.family is not None and self.family not in FAMILIES:
             _fail("ModelConfig", "family", f"{self.family!r} is not one of {list(FAMILIES)}")
+        if self.pooling not in ("auto",) + POOLINGS:
+            _fail("ModelConfig", "pooling", f"{self.pooling!r} is not one of {['auto', *POOLINGS]}")
         if self.max_length < 1:
             _fail("ModelConfig", "max_length", f"must be >= 1, got {self.max_length}")
 

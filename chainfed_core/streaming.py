@@ -587,7 +587,7 @@ class StreamedBackbone(Backbone):
 
 def load_streamed(store: LayerStore | str | os.PathLike, *, prefetch: bool = True,
                   device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None,
-                  resident: Literal["streamed", "all"] = "streamed") -> StreamedBackbone:
+                  resident: Literal["streamed", "all"] = "streamed", pooling: str = "cls") -> StreamedBackbone:
     """A backbone built on the meta device whose parts are read from ``store`` on use.
 
     ``compute_dtype`` runs layers in that dtype while their matrices stay in the store's
@@ -599,7 +599,7 @@ def load_streamed(store: LayerStore | str | os.PathLike, *, prefetch: bool = Tru
     config = store.hf_config()
     with torch.device("meta"):
         model = _build(config, store.family)
-    bb = StreamedBackbone(model, store.family)
+    bb = StreamedBackbone(model, store.family, pooling)
     model.eval()
     bb.streamer = LayerStreamer(store, model, bb, prefetch=prefetch, device=device, compute_dtype=compute_dtype)
     for key in ("rest", "head"):

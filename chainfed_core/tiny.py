@@ -34,7 +34,7 @@ def tiny_config(family: str, num_layers: int = 4, hidden: int = 32, num_labels: 
 
 
 def tiny_backbone(family: str, num_layers: int = 4, hidden: int = 32, num_labels: int = 3,
-                  seed: int = 0) -> Backbone:
+                  seed: int = 0, pooling: str = "cls") -> Backbone:
     """A random-weight model of ``family`` wrapped as a :class:`Backbone` (eval mode)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -44,7 +44,7 @@ def tiny_backbone(family: str, num_layers: int = 4, hidden: int = 32, num_labels
         model = AutoModelForCausalLM.from_config(config)
     else:
         model = AutoModelForSequenceClassification.from_config(config)
-    return from_model(model, family)
+    return from_model(model, family, pooling)
 
 
 def tiny_batch(batch_size: int = 4, seq_len: int = 12, num_labels: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:

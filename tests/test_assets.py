@@ -253,3 +253,12 @@ def test_real_model_minilm_loads_for_classification():
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     logits = model(**tokenizer(["a fine test"], return_tensors="pt")).logits
     assert tuple(logits.shape) == (1, 3)
+
+
+@pytest.mark.slow
+def test_real_minilm_pools_by_mean_as_sentence_transformers_trained_it():
+    from chainfed_core.backbone import load_backbone
+    from chainfed_core.config import ModelConfig
+
+    assert load_backbone(ModelConfig(name="minilm-l6"), num_labels=2).pooling == "mean"
+    assert load_backbone(ModelConfig(name="minilm-l6", pooling="cls"), num_labels=2).pooling == "cls"

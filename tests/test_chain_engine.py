@@ -47,6 +47,45 @@ def test_layer_runner_sees_trained_adapters_like_the_hf_forward(family):
         assert (bb.forward(batch) - bare.forward(batch)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "mpnet"])
+def test_mean_pooling_reads_the_masked_mean_of_token_states(family):
+    bb = tiny_backbone(family, num_layers=2, pooling="mean")
+    batch = tiny_batch()
+    with torch.no_grad():
+        hidden, ctx = bb.embed(batch)
+        hidden = bb.run_layers(range(bb.num_layers), hidden, ctx)
+        logits = bb.logits(hidden, ctx)
+        # the padded positions do not count: scrambling them changes nothing
+        noisy = hidden.clone()
+        noisy[batch["attention_mask"] == 0] = 1e3
+        assert (bb.logits(noisy, ctx) - logits).abs().max() <= 1e-5
+        # and every real token does
+        moved = hidden.clone()
+        moved[:, 1] += 1.0
+        assert (bb.logits(moved, ctx) - logits).abs().max() > 1e-4
+    heads = {k.split(".")[1] for k in bb.head_parameters()}
+    assert "bert" not in heads            # BERT's [CLS] pooler is neither trained nor sent
+    with pytest.raises(ValueError, match="pooling"):
+        tiny_backbone("llama", num_layers=1, pooling="mean")
+
+
+def test_auto_pooling_follows_the_sentence_transformers_pooling_config(tmp_path):
+    from chainfed_core.backbone import resolve_pooling
+    assert resolve_pooling("auto", tmp_path) == "cls"
+    (tmp_path / "1_Pooling").mkdir()
+    config = tmp_path / "1_Pooling" / "config.json"
+    config.write_text('{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}')
+    assert resolve_pooling("auto", tmp_path) == "mean"
+    assert resolve_pooling("cls", tmp_path) == "cls"
+    config.write_text('{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+    assert resolve_pooling("auto", tmp_path) == "cls"
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match="pooling.*config.json"):
+        resolve_pooling("auto", tmp_path)
+    with pytest.raises(ValueError, match="pooling"):
+        ModelConfig(pooling="max")
+
+
 def test_adapter_state_is_limited_to_chosen_layers():
     from chainfed_core.train import adapter_names, set_state
 
