@@ -440,6 +440,12 @@ class LayerStreamer:
         self.order = prefix + window
         self.training = set(window)
         self.keep = set(window) if cached else set()
+        # Parts the new order does not use (the last prefix layer after a cache fill, a
+        # window that slid on) are freed now, not whenever the next eviction comes by.
+        for key in [k for k in self.resident if k not in ("head", "rest") and k not in self.order]:
+            self.drop(key)
+        for key in [k for k in self.pending if k not in self.order]:
+            self.pending.pop(key)        # the worker keeps its buffer only until the read ends
 
     def reset_stats(self) -> None:
         self.max_resident_layers = len(self._layers_resident())
@@ -524,8 +530,9 @@ class LayerStreamer:
             event, _host = done
             torch.cuda.current_stream(self.device).wait_event(event)
             target.record_stream(torch.cuda.current_stream(self.device))
-        for name, tensor in tensors_of(target).items():
-            _assign(self.model, name, self._compute_form(name, tensor))
+        with tagged("frozen_weights"):   # a buffer prefetched before a meter started is first seen here
+            for name, tensor in tensors_of(target).items():
+                _assign(self.model, name, self._compute_form(name, tensor))
         self.resident.add(key)
         self.loads += 1
 

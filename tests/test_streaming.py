@@ -9,6 +9,7 @@ import torch
 from chainfed_core import streaming
 from chainfed_core.actcache import ActivationCache
 from chainfed_core.config import AdapterConfig, TrainConfig
+from chainfed_core.memory import MemoryMeter
 from chainfed_core.schedule import stage_at
 from chainfed_core.streaming import (LayerStore, LayerStoreError, ShardChecksumError, load_streamed,
                                      save_layer_store, write_random_store)
@@ -113,12 +114,16 @@ def test_cached_window_stays_resident(tmp_path):
     data = tiny_dataset(12, 10)
     plan = plan_for("chainfed", L, stage_at(3, L, 0, W, 1))
     cache = ActivationCache(sb)
-    prefix = cache.prefix("c", data, plan)
+    prefix = cache.prefix("c", data, plan)                 # the fill streamed layers 0..2
     sb.follow(plan, cached=True)
+    assert sb.streamer.resident <= {"head", "rest"}         # nothing of the prefix stays behind
     sb.streamer.reset_stats()
-    train_local(sb, data, plan, CFG, seed=0, prefix=prefix)
+    with MemoryMeter(sb, {"cache": cache.tensors()}) as meter:
+        train_local(sb, data, plan, CFG, seed=0, prefix=prefix)
     assert sb.streamer.loads == W                          # the window is read once for all steps
-    assert sb.streamer.max_resident_layers <= W + 1
+    assert sb.streamer.max_resident_layers <= W
+    window_bytes = sum(sb.streamer.store.nbytes(streaming.shard_key(i)) for i in plan.training)
+    assert meter.report().breakdown["frozen_weights"] == window_bytes
 
 
 def test_corrupted_and_missing_shards_are_named(tmp_path):
