@@ -19,49 +19,54 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def config(num_clients: int, rounds: int) -> dict:
-    # The same 40,000-example training set for every N; each client runs one step of 4.
+def config(num_clients: int, rounds: int, local_steps: int = 1) -> dict:
+    # The same 40,000-example training set for every N; each client runs ``local_steps`` steps of 4.
     return {"method": "chainfed", "seed": 0, "model": {"name": "tiny-bert-L4-H128"},
             "adapter": {"bottleneck": 16}, "chain": {"window": 2, "start_layer": 0},
-            "train": {"batch_size": 4, "local_steps": 1},
+            "train": {"batch_size": 4, "local_steps": local_steps},
             "data": {"dataset": "synthetic", "num_clients": num_clients, "max_train_examples": 40_000,
                      "max_test_examples": 64},
             "fed": {"rounds": rounds, "clients_per_round": 15, "eval_every": 10 ** 6, "memory_aware": True}}
 
 
-def measure(num_clients: int, rounds: int) -> dict:
+def measure(num_clients: int, rounds: int, local_steps: int = 1) -> dict:
     """One run in this process; print its numbers as JSON."""
     from chainfed_core.config import RunConfig
     from chainfed_core.federated import run
 
     with tempfile.TemporaryDirectory() as out:
-        record = run(RunConfig.from_dict(config(num_clients, rounds)), out, progress=False)
+        record = run(RunConfig.from_dict(config(num_clients, rounds, local_steps)), out, progress=False)
     # the last round also evaluates; leave it and the first (warm-up) round out
     rows = record["history"][1:-1]
     round_s = sum(m["seconds_round"] for m in rows)
     train_s = sum(m["seconds_train"] for m in rows)
-    return {"N": num_clients, "rounds_timed": len(rows), "round_s": round_s / len(rows),
+    return {"N": num_clients, "local_steps": local_steps, "rounds_timed": len(rows), "round_s": round_s / len(rows),
             "train_s": train_s / len(rows), "overhead_pct": 100 * (round_s - train_s) / round_s,
+            "overhead_ms": 1000 * (round_s - train_s) / len(rows),
             "peak_rss_mib": record["peak_rss_bytes"] / 2 ** 20, "eligible": record["eligible_clients"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--local-steps", type=int, default=1,
+                        help="Steps of batch 4 each client trains (1: the smallest workload, the worst case for overhead).")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # child mode: measure a single N
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.rounds)))
+        print(json.dumps(measure(args.one, args.rounds, args.local_steps)))
         return
     results = []
     for n in (100, 10_000):
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds)],
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds),
+                              "--local-steps", str(args.local_steps)],
                              capture_output=True, text=True, check=True, cwd=ROOT,
                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'':24}" + "".join(f"{'N=' + format(r['N'], ','):>14}" for r in results))
     for key, label in [("eligible", "eligible clients"), ("round_s", "round time (s)"),
-                       ("train_s", "local training (s)"), ("overhead_pct", "overhead (% of round)"),
+                       ("train_s", "local training (s)"), ("overhead_ms", "overhead (ms per round)"),
+                       ("overhead_pct", "overhead (% of round)"),
                        ("peak_rss_mib", "peak RSS (MiB)")]:
         print(f"{label:24}" + "".join(f"{r[key]:>14.3f}" if isinstance(r[key], float) else f"{r[key]:>14}"
                                      for r in results))

@@ -76,6 +76,30 @@ def named_tensors(backbone: Backbone) -> dict[str, nn.Parameter]:
     return named
 
 
+def tensors_by_name(backbone: Backbone, names: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The tensors of ``names`` (exchange names, see :func:`named_tensors`), found by path
+    rather than by walking every module: a client's per-round lookups stay cheap at any depth."""
+    found, unknown, head = {}, [], None
+    for name in names:
+        kind, _, rest = name.partition(".")
+        index, _, param = rest.partition(".")
+        try:
+            if kind == "adapters":
+                found[name] = backbone.adapters[index].get_parameter(param)
+            elif kind == "layers":
+                found[name] = backbone.layers[int(index)].get_parameter(param)
+            elif kind == "head":
+                head = head if head is not None else backbone.head_parameters()
+                found[name] = head[name]
+            else:
+                unknown.append(name)
+        except (AttributeError, KeyError, IndexError, ValueError):
+            unknown.append(name)
+    if unknown:
+        raise KeyError(f"unknown tensors in state: {sorted(unknown)[:5]}")
+    return found
+
+
 def adapter_names(backbone: Backbone, indices: Iterable[int]) -> list[str]:
     """Exchange names of the adapters of layers ``indices`` (layers without one are skipped)."""
     return [f"adapters.{i}.{n}" for i in indices if backbone.adapter(i) is not None
@@ -93,15 +117,11 @@ def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
 
 
 def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    tensors = named_tensors(backbone)
-    return {n: tensors[n].detach().clone() for n in names}
+    return {n: t.detach().clone() for n, t in tensors_by_name(backbone, names).items()}
 
 
 def set_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
-    tensors = named_tensors(backbone)
-    unknown = sorted(set(state) - set(tensors))
-    if unknown:
-        raise KeyError(f"unknown tensors in state: {unknown[:5]}")
+    tensors = tensors_by_name(backbone, state)
     with torch.no_grad():
         for name, value in state.items():
             tensors[name].copy_(value)
@@ -163,7 +183,7 @@ def frozen_prefix(backbone: Backbone, plan: TrainPlan) -> Prefix:
 
 
 def _set_trainable(backbone: Backbone, names: list[str]) -> list[nn.Parameter]:
-    tensors = named_tensors(backbone)
+    tensors = tensors_by_name(backbone, names)
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     params = [tensors[n] for n in names]

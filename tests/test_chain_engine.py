@@ -86,6 +86,19 @@ def test_auto_pooling_follows_the_sentence_transformers_pooling_config(tmp_path)
         ModelConfig(pooling="max")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lookup_by_name_finds_the_same_tensors_as_the_full_walk(family):
+    from chainfed_core.train import tensors_by_name
+    bb = tiny_backbone(family, num_layers=3)
+    bb.add_adapters(AdapterConfig(bottleneck=4), indices=[0, 2])
+    every = named_tensors(bb)
+    found = tensors_by_name(bb, list(every))
+    assert list(found) == list(every) and all(found[n] is every[n] for n in every)
+    for bad in ["adapters.1.down.weight", "layers.9.x", "head.nothing", "bias"]:
+        with pytest.raises(KeyError, match="unknown tensors"):
+            tensors_by_name(bb, [bad])
+
+
 def test_adapter_state_is_limited_to_chosen_layers():
     from chainfed_core.train import adapter_names, set_state
 
