@@ -57,6 +57,9 @@ class ClientIndices:
         return np.diff(self.offsets)
 
 
+DIRICHLET_REDRAWS = 20   # rounds of flwr-datasets' 10 draws before a Dirichlet split is declared impossible
+
+
 def client_indices(dataset: hfds.Dataset, num_clients: int, *, scheme: str = "iid", alpha: float = 0.5,
                    min_partition_size: int = 2, self_balancing: bool = False, seed: int = 0) -> ClientIndices:
     """Which rows of ``dataset`` each of ``num_clients`` clients holds.
@@ -79,19 +82,28 @@ def client_indices(dataset: hfds.Dataset, num_clients: int, *, scheme: str = "ii
         # contiguous shards (tests check the equality), computed without N row selections.
         parts = np.array_split(np.random.default_rng(seed).permutation(len(labels)), num_clients)
     else:
-        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(alpha),
-                                           min_partition_size=min_partition_size, self_balancing=self_balancing,
-                                           shuffle=True, seed=seed)
-        partitioner.dataset = hfds.Dataset.from_dict({"label": labels})
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The specified min_partition_size")
-                partitioner.load_partition(0)    # draws the whole split once
-        except ValueError as err:
+        label_column = hfds.Dataset.from_dict({"label": labels})
+        # flwr-datasets gives up after 10 draws; more rounds of 10 follow with derived seeds
+        # (the first round uses ``seed`` itself, so a split it finds is flwr-datasets' own).
+        for redraw in range(DIRICHLET_REDRAWS):
+            partitioner = DirichletPartitioner(
+                num_partitions=num_clients, partition_by="label", alpha=float(alpha),
+                min_partition_size=min_partition_size, self_balancing=self_balancing, shuffle=True,
+                seed=seed if redraw == 0 else int(np.random.default_rng([seed, redraw]).integers(2 ** 31)))
+            partitioner.dataset = label_column
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The specified min_partition_size")
+                    partitioner.load_partition(0)    # draws the whole split once
+                break
+            except ValueError as err:
+                failure = err
+        else:
             raise ValueError(
                 f"min_partition_size: no Dirichlet split of {len(dataset)} examples over num_clients={num_clients} "
                 f"with alpha={alpha} gave every client at least min_partition_size={min_partition_size} examples "
-                f"({err}); raise alpha, or lower num_clients or min_partition_size") from err
+                f"in {DIRICHLET_REDRAWS} x 10 draws ({failure}); raise alpha, or lower num_clients or "
+                f"min_partition_size") from failure
         # flwr-datasets 0.6.1 keeps the drawn split here; reading it avoids N row selections.
         parts = [np.asarray(partitioner._partition_id_to_indices[i]) for i in range(num_clients)]
     sizes = np.array([len(p) for p in parts], dtype=np.int64)

@@ -9,7 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from chainfed_core.data import labels_of  # noqa: E402
-from chainfed_core.partition import label_histogram, label_skew, partition, plot_label_histograms  # noqa: E402
+from chainfed_core.partition import (client_indices, label_histogram, label_skew, partition,  # noqa: E402
+                                     plot_label_histograms)
 
 
 def _dataset(n=2000, k=4, seed=0) -> hfds.Dataset:
@@ -164,3 +165,19 @@ def test_client_indices_match_flwr_datasets_partitioners():
     for k in range(5):
         assert sorted(dirichlet.indices(k).tolist()) == sorted(ref.load_partition(k)["_row"])
     assert sorted(np.concatenate([iid.indices(k) for k in range(7)]).tolist()) == list(range(103))
+
+
+def test_dirichlet_redraws_past_flwr_datasets_ten_attempts():
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    data = _dataset(n=200)
+    # seed 11: flwr-datasets' own 10 draws leave a client below 2 examples
+    with pytest.raises(ValueError, match="max number of attempts"):
+        ref = DirichletPartitioner(num_partitions=20, partition_by="label", alpha=0.5, min_partition_size=2,
+                                   shuffle=True, seed=11)
+        ref.dataset = hfds.Dataset.from_dict({"label": list(data["label"])})
+        ref.load_partition(0)
+    split = client_indices(data, 20, scheme="dirichlet", alpha=0.5, min_partition_size=2, seed=11)
+    assert split.sizes().min() >= 2 and split.sizes().sum() == 200
+    again = client_indices(data, 20, scheme="dirichlet", alpha=0.5, min_partition_size=2, seed=11)
+    assert np.array_equal(split.order, again.order)          # the redraws are seeded too
