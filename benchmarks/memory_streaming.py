@@ -5,14 +5,16 @@ Measures, side by side in one run:
      layers streamed from a layer store and the window input from the activation cache, for
      MiniLM-L6-, MPNet-base- and RoBERTa-large-shaped models (random weights, float32);
      the LLaMA2-7B shape (bf16 weights) comes from the analytic model (peak_training_bytes);
-  2. process peak RSS of a real ChainFed W=2 step of the LLaMA2-7B layer shape, streamed, in a
-     fresh process (reduced depth: --llama-layers layers of the real width);
-  3. step time: streamed with prefetch / in memory, and with prefetch / without; time to read the
-     store checking every read's sha256 (verify="always") vs only a file's first read ("once");
+  2. process peak RSS of a real ChainFed W=2 step of the LLaMA2-7B shape (32 layers, bf16, a
+     13 GB store written to disk), streamed, in a fresh process: the frozen prefix streams
+     once to fill the activation cache, then the window trains from the cache;
+  3. step time: streamed with prefetch / in memory, and with prefetch / without (a store of
+     --timing-layers layers of the 7B width, so the in-memory reference fits); time to read
+     the store checking every read's sha256 (verify="always") vs only a file's first read ("once");
   4. client compute per round: ChainFed (with cache) / Full Adapters.
 
     python benchmarks/memory_streaming.py            # default run
-    python benchmarks/memory_streaming.py --quick    # about a minute
+    python benchmarks/memory_streaming.py --quick    # about a minute (3-layer 7B-width store)
 Writes results/benchmarks/memory_streaming.json.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -100,10 +103,12 @@ def llama_streamed_step(store: str, window: int, seq_len: int, prefetch: bool = 
     cache = ActivationCache(sb, max_memory_bytes=64 << 20)
     sb.follow(plan, cached=True)
     started = time.perf_counter()
+    prefix = cache.prefix("client", data, plan)       # the frozen prefix streams through once
+    filled = time.perf_counter()
     result = train_local(sb, data, plan, TrainConfig(optimizer="adamw", lr=1e-4, batch_size=1, local_steps=1),
-                         prefix=cache.prefix("client", data, plan))
-    return {"seconds": time.perf_counter() - started, "loss": result.loss, "peak_rss_step": peak_rss(),
-            "max_resident_layers": sb.streamer.max_resident_layers}
+                         prefix=prefix)
+    return {"seconds": time.perf_counter() - started, "fill_seconds": filled - started, "loss": result.loss,
+            "peak_rss_step": peak_rss(), "max_resident_layers": sb.streamer.max_resident_layers}
 
 
 def verify_read_times(store, repeats: int) -> dict:
@@ -160,7 +165,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="MiniLM shape only, W=1..2, 2 LLaMA layers.")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--llama-layers", type=int, default=4, help="Depth of the 7B-width store streamed here.")
+    parser.add_argument("--llama-layers", type=int, default=32,
+                        help="Depth of the 7B-width store of the RSS step (32: LLaMA2-7B itself).")
+    parser.add_argument("--timing-layers", type=int, default=4, help="Depth of the 7B-width store timed in 3.")
     parser.add_argument("--folder", default=None, help="Where layer stores are written (default: a temp dir).")
     parser.add_argument("--out", default="results/benchmarks/memory_streaming.json")
     args = parser.parse_args()
@@ -168,6 +175,7 @@ def main() -> None:
     shapes = ["minilm-l6"] if args.quick else ["minilm-l6", "mpnet-base", "roberta-large"]
     windows = [1, 2] if args.quick else [1, 2, 3, 4, 5, 6]
     llama_layers = 3 if args.quick else args.llama_layers
+    timing_layers = min(args.timing_layers, llama_layers)
     folder = Path(args.folder or tempfile.mkdtemp(prefix="chainfed-bench-"))
     started = time.perf_counter()
     record = {"args": vars(args), "torch": torch.__version__, "platform": platform.platform(),
@@ -193,13 +201,20 @@ def main() -> None:
     store = folder / f"llama7b-width-{llama_layers}"
     t0 = time.perf_counter()
     write_random_store(config, store, dtype=torch.bfloat16)
-    record["notes"]["llama_store"] = {"layers": llama_layers, "write_seconds": time.perf_counter() - t0}
+    record["notes"]["llama_store"] = {"layers": llama_layers, "write_seconds": time.perf_counter() - t0,
+                                      "bytes": sum(LayerStore(store).nbytes(k) for k in LayerStore(store).manifest["shards"])}
     rss = measure_rss("benchmarks.memory_streaming:llama_streamed_step",
                       {"store": str(store), "window": 2, "seq_len": args.seq_len}, threads=2)
     record["llama_rss"] = rss
-    print(f"LLaMA2-7B-width W=2 streamed step: peak RSS {rss['peak_rss'] / 2**30:.2f} GiB "
+    print(f"LLaMA2-7B-width ({llama_layers} layers, {record['notes']['llama_store']['bytes'] / 2**30:.1f} GiB store) "
+          f"W=2 streamed step: peak RSS {rss['peak_rss'] / 2**30:.2f} GiB "
           f"(baseline after imports {rss['baseline_rss'] / 2**30:.2f} GiB), {rss['result']['seconds']:.1f} s")
-    times = step_times(store, 1, random_token_dataset(1, args.seq_len // 2, 32000), repeats=1 if args.quick else 2)
+    if timing_layers != llama_layers:
+        shutil.rmtree(store)
+        config = _config(SHAPES["llama2-7b"], num_hidden_layers=timing_layers)
+        store = folder / f"llama7b-width-{timing_layers}"
+        write_random_store(config, store, dtype=torch.bfloat16)
+    times = step_times(store, 1, random_token_dataset(1, args.seq_len // 2, 32000), repeats=1 if args.quick else 4)
     record["step_times"] = times
     print(f"step time streamed+prefetch / in memory = {times['prefetch_over_in_memory']:.2f}, "
           f"prefetch / no prefetch = {times['prefetch_over_no_prefetch']:.2f}")
@@ -212,6 +227,8 @@ def main() -> None:
     print(f"client compute per round ChainFed (cache) / Full Adapters = {per_round['chainfed_over_full_mean']:.2f} "
           f"(mean over a pass), {per_round['chainfed_over_full_steady']:.2f} (median round)")
     record["seconds"] = time.perf_counter() - started
+    if args.folder is None:
+        shutil.rmtree(folder)                          # the stores are 13 GB
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))

@@ -15,8 +15,10 @@ sha256 sums::
 loads ``rest`` and ``head`` and installs a :class:`LayerStreamer` as
 ``Backbone.residency``. While layer i computes, a background thread reads the next part
 of the step from disk and layer i-1 is dropped, so at most the window plus one prefetched
-part is resident. On CUDA the worker reads into pinned host memory and copies on a side
-stream with ``non_blocking=True``.
+part is resident. On the CPU a layer is memory-mapped from its shard (copy-on-write) and
+the worker faults its pages in, so the compute threads never spend time copying weights;
+dropping the layer unmaps it. On CUDA the worker reads into pinned host memory and copies
+on a side stream with ``non_blocking=True``.
 
 Every shard is checked against its manifest sum when it is read (``verify="always"``), or
 the first time a process reads that file (``verify="once"``, the default: later reads of
@@ -31,6 +33,7 @@ import copy
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -199,11 +202,12 @@ class StoreWriter:
 
 
 def save_layer_store(backbone: Backbone, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> "LayerStore":
-    """Write a model (without adapters) as a layer store; ``dtype`` casts floating weights."""
+    """Write a model (without adapters) as a layer store; ``dtype`` casts floating weights
+    (all but a trainable classification head)."""
     writer = StoreWriter(folder, backbone.family, _task_name(backbone), backbone.config.to_dict(),
                          dtype or next(backbone.layers.parameters()).dtype, backbone.num_layers)
     for key, tensors in _part_tensors(backbone.model, backbone).items():
-        if dtype is not None and not key == "head":
+        if dtype is not None and (key != "head" or backbone.family in _FROZEN_HEAD):
             tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
         writer.write(key, tensors)
     return LayerStore(folder)
@@ -215,7 +219,8 @@ def write_random_store(config, folder: str | os.PathLike, dtype: torch.dtype = t
 
     Never holds more than the non-layer parts and one layer in memory, so the store of a
     LLaMA2-7B-shaped model can be written on a machine with a few GB of RAM. Weights use the
-    model's own ``_init_weights``; the head stays float32 like :func:`load_backbone`'s.
+    model's own ``_init_weights``; a classification head stays float32 like :func:`load_backbone`'s,
+    a causal LM's frozen head (final norm, LM head) takes ``dtype`` like the layers.
     """
     family = config.model_type
     torch.manual_seed(seed)
@@ -240,7 +245,7 @@ def write_random_store(config, folder: str | os.PathLike, dtype: torch.dtype = t
             values = {prefix + n: p.to(dtype) for n, p in layer.named_parameters()}
         else:
             values = {n: real_named[n] for n in tensors}
-            if key != "head":
+            if key != "head" or family in _FROZEN_HEAD:
                 values = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in values.items()}
         writer.write(key, values)
     return LayerStore(folder)
@@ -312,12 +317,37 @@ class LayerStore:
         with tagged("frozen_weights"):
             return torch.empty(self.nbytes(key), dtype=torch.uint8, pin_memory=pin)
 
-    def read_into(self, key: str, buffer: torch.Tensor) -> None:
-        """Read a shard's bytes into ``buffer`` and check them against the manifest."""
+    def _checked_stat(self, key: str) -> tuple[Path, os.stat_result]:
         entry = self.manifest["shards"][key]
         path = self.path(key)
         try:
             stat = path.stat()
+        except FileNotFoundError as e:
+            raise LayerStoreError(f"shard {key} missing: {path}") from e
+        if stat.st_size != entry["bytes"]:
+            raise ShardChecksumError(f"shard {key} ({path}) has {stat.st_size} bytes, manifest says {entry['bytes']}")
+        return path, stat
+
+    def _verify(self, key: str, path: Path, stat: os.stat_result, data) -> None:
+        """Hash ``data`` (the shard's bytes) against the manifest, per the ``verify`` policy."""
+        entry = self.manifest["shards"][key]
+        self.read_bytes += entry["bytes"]
+        stamp = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, entry["sha256"])
+        if self.verify == "never" or (self.verify == "once" and stamp in _VERIFIED):
+            return
+        started = time.perf_counter()
+        digest = hashlib.sha256(data).hexdigest()
+        self.hash_seconds += time.perf_counter() - started
+        if digest != entry["sha256"]:
+            raise ShardChecksumError(f"shard {key} ({path}) is corrupted: sha256 {digest[:16]}... does not match "
+                                     f"the manifest's {entry['sha256'][:16]}...")
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(stamp)
+
+    def read_into(self, key: str, buffer: torch.Tensor) -> None:
+        """Read a shard's bytes into ``buffer`` and check them against the manifest."""
+        path, stat = self._checked_stat(key)
+        try:
             with open(path, "rb", buffering=0) as f:
                 view = memoryview(buffer.numpy()).cast("B")
                 got = f.readinto(view)
@@ -328,20 +358,32 @@ class LayerStore:
                     got += more
         except FileNotFoundError as e:
             raise LayerStoreError(f"shard {key} missing: {path}") from e
-        if got != entry["bytes"] or stat.st_size != entry["bytes"]:
-            raise ShardChecksumError(f"shard {key} ({path}) has {stat.st_size} bytes, manifest says {entry['bytes']}")
-        self.read_bytes += got
-        stamp = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, entry["sha256"])
-        if self.verify == "never" or (self.verify == "once" and stamp in _VERIFIED):
-            return
-        started = time.perf_counter()
-        digest = hashlib.sha256(buffer.numpy()).hexdigest()
-        self.hash_seconds += time.perf_counter() - started
-        if digest != entry["sha256"]:
-            raise ShardChecksumError(f"shard {key} ({path}) is corrupted: sha256 {digest[:16]}... does not match "
-                                     f"the manifest's {entry['sha256'][:16]}...")
-        with _VERIFIED_LOCK:
-            _VERIFIED.add(stamp)
+        if got != stat.st_size:
+            raise ShardChecksumError(f"shard {key} ({path}) gave {got} bytes, manifest says {stat.st_size}")
+        self._verify(key, path, stat, buffer.numpy())
+
+    def map(self, key: str) -> torch.Tensor:
+        """A shard's bytes as a uint8 tensor over a private memory map of its file (no copy).
+
+        The map is copy-on-write: a stray write changes this process's page only, never the
+        shard. It is released when the last tensor viewing it is freed. Its pages are read
+        and checked by :meth:`fault_in`.
+        """
+        path, stat = self._checked_stat(key)
+        try:
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), stat.st_size, access=mmap.ACCESS_COPY)
+        except FileNotFoundError as e:
+            raise LayerStoreError(f"shard {key} missing: {path}") from e
+        return torch.frombuffer(mapped, dtype=torch.uint8).view(-1)   # an op: memory meters see it
+
+    def fault_in(self, key: str, data: torch.Tensor) -> None:
+        """Check a mapped shard against the manifest and fault its pages in by reading one
+        byte per page: the page cache's pages are mapped, none is copied (the prefetch
+        worker does this while the previous layer computes)."""
+        path, stat = self._checked_stat(key)
+        self._verify(key, path, stat, data.numpy())
+        data[::mmap.PAGESIZE].sum()
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
         """A whole shard as ``{name: tensor}`` (views into one buffer)."""
@@ -382,22 +424,45 @@ def _upcast_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _UpcastLinear.apply(x, module.weight, module.bias)
 
 
+# Bytes of a weight upcast at once by _UpcastLinear: a LLaMA2-7B LM head (32000 x 4096) in
+# float32 would be 500 MB, more than the two bf16 layers of a W=2 window.
+UPCAST_CHUNK_BYTES = 64 << 20
+
+
+def _row_chunks(weight: torch.Tensor, dtype: torch.dtype):
+    """(row slice, that block of ``weight`` in ``dtype``), a block of about UPCAST_CHUNK_BYTES at a time."""
+    rows = max(1, UPCAST_CHUNK_BYTES // max(1, weight.shape[1] * torch.empty((), dtype=dtype).element_size()))
+    for begin in range(0, weight.shape[0], rows):
+        block = slice(begin, begin + rows)
+        yield block, weight[block].to(dtype)
+
+
 class _UpcastLinear(torch.autograd.Function):
     """y = x W^T + b with W stored in a narrow dtype and multiplied in x's dtype.
 
-    Saves the narrow weight, not its upcast copy, so a bf16 window on a CPU without bf16
-    matrix units computes in float32 while holding bf16 weights.
+    Saves the narrow weight, not its upcast copy, and upcasts it a block of output rows at
+    a time, so a bf16 window on a CPU without bf16 matrix units computes in float32 while
+    holding bf16 weights plus one block.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if weight.shape[0] * weight.shape[1] * x.element_size() <= UPCAST_CHUNK_BYTES:
+            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        out = torch.cat([F.linear(x, w) for _, w in _row_chunks(weight, x.dtype)], dim=-1)
+        return out if bias is None else out + bias.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None
+        if weight.shape[0] * weight.shape[1] * grad.element_size() <= UPCAST_CHUNK_BYTES:
+            return grad @ weight.to(grad.dtype), None, None
+        out = None
+        for block, w in _row_chunks(weight, grad.dtype):
+            part = grad[..., block] @ w
+            out = part if out is None else out.add_(part)
+        return out, None, None
 
 
 class LayerStreamer:
@@ -406,21 +471,25 @@ class LayerStreamer:
     ``ensure(key)`` makes a part resident (waiting for its prefetch if one is running),
     drops parts the step no longer needs, and starts reading the next part of the step's
     order in a background thread. Which parts a step uses and which stay resident between
-    steps is set by :meth:`follow`.
+    steps is set by :meth:`follow`. On the CPU a part is memory-mapped from its shard
+    (``memory_map=True``: no copy, the worker only faults the pages in); otherwise it is read
+    into a buffer (on CUDA a pinned one, then copied to the device on a side stream).
     """
 
     def __init__(self, store: LayerStore, model: nn.Module, backbone: Backbone, *, prefetch: bool = True,
-                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None):
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None,
+                 memory_map: bool = True):
         self.store = store
         self.model = model
         self.backbone = backbone
         self.prefetch = prefetch
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
+        self.memory_map = memory_map and self.device.type == "cpu"   # CUDA reads into pinned memory
         self.names = {key: entry["tensors"] for key, entry in store.manifest["shards"].items()}
         self.placeholders = {key: {n: _get_tensor(model, n) for n in names} for key, names in self.names.items()}
         self.resident: set[str] = set()
-        self.pending: dict[str, tuple[Future, Any]] = {}
+        self.pending: dict[str, Future] = {}
         self.order: list[str] = ["embed"] + [shard_key(i) for i in range(store.num_layers)]
         self.keep: set[str] = set()
         self.training: set[str] = set()
@@ -498,36 +567,45 @@ class LayerStreamer:
                 self.drop(key)
 
     # -------------------------------------------------------------- loading
-    def _start(self, key: str) -> tuple[Future, Any]:
+    def _start(self, key: str) -> Future:
         """Allocate in this thread (memory meters see it), read and copy in the worker."""
         if self.device.type == "cuda":
             host = self.store.allocate(key, pin=True)
             with tagged("frozen_weights"):
                 target = torch.empty(self.store.nbytes(key), dtype=torch.uint8, device=self.device)
+            job = (self._read_to_device, key, host, target)
+        elif self.memory_map and key != "rest" and (key != "head" or self.store.family in _FROZEN_HEAD):
+            # (a classification head trains in place: it gets its own copy)
+            with tagged("frozen_weights"):
+                job = (self._fault_in, key, self.store.map(key))
         else:
-            host = target = self.store.allocate(key)
-        job = (self._read, key, host, target)
+            job = (self._read, key, self.store.allocate(key))
         future = self._pool.submit(*job) if self._pool is not None else _done(*job)
-        self.pending[key] = (future, target)
-        return self.pending[key]
+        self.pending[key] = future
+        return future
 
-    def _read(self, key: str, host: torch.Tensor, target: torch.Tensor):
+    def _fault_in(self, key: str, data: torch.Tensor):
+        self.store.fault_in(key, data)
+        return data, None
+
+    def _read(self, key: str, buffer: torch.Tensor):
+        self.store.read_into(key, buffer)
+        return buffer, None
+
+    def _read_to_device(self, key: str, host: torch.Tensor, target: torch.Tensor):
         self.store.read_into(key, host)
-        if self._stream is None:
-            return None
         with torch.cuda.stream(self._stream):
             target.copy_(host, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
-        return (event, host)             # host buffer stays alive until the copy is done
+        return target, (event, host)     # host buffer stays alive until the copy is done
 
     def _materialise(self, key: str) -> None:
         if key not in self.pending:
             self._start(key)
-        future, target = self.pending.pop(key)
-        done = future.result()           # re-raises read or checksum errors here, on the main thread
-        if done is not None:
-            event, _host = done
+        target, copying = self.pending.pop(key).result()   # re-raises read or checksum errors here
+        if copying is not None:
+            event, _host = copying
             torch.cuda.current_stream(self.device).wait_event(event)
             target.record_stream(torch.cuda.current_stream(self.device))
         with tagged("frozen_weights"):   # a buffer prefetched before a meter started is first seen here
@@ -594,13 +672,15 @@ class StreamedBackbone(Backbone):
 
 def load_streamed(store: LayerStore | str | os.PathLike, *, prefetch: bool = True,
                   device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None,
-                  resident: Literal["streamed", "all"] = "streamed", pooling: str = "cls") -> StreamedBackbone:
+                  resident: Literal["streamed", "all"] = "streamed", pooling: str = "cls",
+                  memory_map: bool | None = None) -> StreamedBackbone:
     """A backbone built on the meta device whose parts are read from ``store`` on use.
 
     ``compute_dtype`` runs layers in that dtype while their matrices stay in the store's
     dtype (bf16 weights, float32 arithmetic on CPUs without bf16 matrix units).
-    ``resident="all"`` reads every part up front: the in-memory reference with the same
-    compute path, for timing comparisons.
+    ``resident="all"`` reads every part up front into process memory: the in-memory
+    reference with the same compute path, for timing comparisons. ``memory_map`` (default:
+    on when streaming on the CPU) maps shards instead of copying them.
     """
     store = store if isinstance(store, LayerStore) else LayerStore(store)
     config = store.hf_config()
@@ -608,7 +688,10 @@ def load_streamed(store: LayerStore | str | os.PathLike, *, prefetch: bool = Tru
         model = _build(config, store.family)
     bb = StreamedBackbone(model, store.family, pooling)
     model.eval()
-    bb.streamer = LayerStreamer(store, model, bb, prefetch=prefetch, device=device, compute_dtype=compute_dtype)
+    if memory_map is None:
+        memory_map = resident == "streamed"
+    bb.streamer = LayerStreamer(store, model, bb, prefetch=prefetch, device=device, compute_dtype=compute_dtype,
+                                memory_map=memory_map)
     for key in ("rest", "head"):
         bb.streamer._materialise(key)
     if compute_dtype is not None:

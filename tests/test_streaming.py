@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 
 import pytest
 import torch
@@ -93,8 +94,9 @@ def test_cache_rebuilds_when_an_earlier_adapter_changes():
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_prefetch_keeps_window_plus_one_resident(prefetch, tmp_path):
-    bb, sb = _pair("llama", tmp_path, prefetch=prefetch)
+@pytest.mark.parametrize("memory_map", [True, False])
+def test_prefetch_keeps_window_plus_one_resident(prefetch, memory_map, tmp_path):
+    bb, sb = _pair("llama", tmp_path, prefetch=prefetch, memory_map=memory_map)
     data = tiny_dataset(12, 10)
     plan = plan_for("chainfed", L, stage_at(3, L, 0, W, 1), lam=0.2)
     sb.follow(plan)
@@ -124,6 +126,31 @@ def test_cached_window_stays_resident(tmp_path):
     assert sb.streamer.max_resident_layers <= W
     window_bytes = sum(sb.streamer.store.nbytes(streaming.shard_key(i)) for i in plan.training)
     assert meter.report().breakdown["frozen_weights"] == window_bytes
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (Linux /proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        begin, end = (int(x, 16) for x in fields[0].split("-"))
+        if begin <= address < end:
+            return fields[5].strip() if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_mapped_layers_are_not_copied_and_never_write_their_shard(tmp_path):
+    _, sb = _pair("bert", tmp_path, prefetch=False)
+    store = sb.streamer.store
+    files = {key: store.path(key).read_bytes() for key in store.manifest["shards"]}
+    plan = plan_for("chainfed", L, stage_at(1, L, 0, W, 1), lam=0.2)
+    sb.follow(plan)
+    train_local(sb, tiny_dataset(8, 10), plan, CFG, seed=0)     # the head trains in place
+    with sb.resident("layer.0"):
+        weight = sb.model.bert.encoder.layer[0].attention.self.query.weight
+        assert _mapped_file(weight.data_ptr()) == str(store.path("layer.0"))  # the page cache's, not a copy
+        weight.add_(1.0)                                   # copy-on-write: this process's page only
+    assert {key: store.path(key).read_bytes() for key in files} == files
 
 
 def test_corrupted_and_missing_shards_are_named(tmp_path):
@@ -198,6 +225,35 @@ def test_random_bf16_store_with_float32_compute(tmp_path):
     a, b = streamed.forward(batch), in_memory.forward(batch)
     assert a.dtype == torch.float32 and torch.equal(a, b)
     assert streamed.streamer.max_resident_layers <= 2
+
+
+def test_upcast_linear_in_row_blocks_matches_one_block(monkeypatch):
+    torch.manual_seed(0)
+    weight = torch.randn(37, 16).to(torch.bfloat16)
+    bias = torch.randn(37).to(torch.bfloat16)
+    x = torch.randn(3, 5, 16)
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        y = streaming._UpcastLinear.apply(xi, weight, bias)
+        y.square().sum().backward()
+        return y, xi.grad
+
+    ref = run()
+    monkeypatch.setattr(streaming, "UPCAST_CHUNK_BYTES", 10 * 16 * 4)     # blocks of 10 rows: 4 blocks
+    got = run()
+    assert torch.allclose(ref[0], got[0], atol=1e-5) and torch.allclose(ref[1], got[1], atol=1e-4)
+    assert torch.allclose(ref[0], x @ weight.float().T + bias.float(), atol=1e-5)
+    assert sum(1 for _ in streaming._row_chunks(weight, torch.float32)) == 4
+
+
+def test_llama_store_keeps_its_frozen_head_in_the_store_dtype(tmp_path):
+    write_random_store(tiny_config("llama", num_layers=1, hidden=32), tmp_path / "llama", dtype=torch.bfloat16)
+    write_random_store(tiny_config("bert", num_layers=1, hidden=32), tmp_path / "bert", dtype=torch.bfloat16)
+    llama = LayerStore(tmp_path / "llama").load("head")
+    bert = LayerStore(tmp_path / "bert").load("head")
+    assert {t.dtype for t in llama.values()} == {torch.bfloat16}               # norm + LM head, frozen
+    assert {t.dtype for t in bert.values()} == {torch.float32}                 # a classifier trains
 
 
 def test_step_times_times_three_settings_in_turn(tmp_path):
