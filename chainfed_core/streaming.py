@@ -382,8 +382,9 @@ class LayerStore:
         byte per page: the page cache's pages are mapped, none is copied (the prefetch
         worker does this while the previous layer computes)."""
         path, stat = self._checked_stat(key)
-        self._verify(key, path, stat, data.numpy())
-        data[::mmap.PAGESIZE].sum()
+        pages = data.numpy()
+        self._verify(key, path, stat, pages)
+        pages[::mmap.PAGESIZE].sum()     # numpy: one thread, GIL released; no OpenMP team beside the compute's
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
         """A whole shard as ``{name: tensor}`` (views into one buffer)."""
