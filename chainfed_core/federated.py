@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import io
 import json
 import math
 import os
+import pickle
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,10 +48,11 @@ from .backbone import Backbone
 from .config import RunConfig
 from .records import RECORD_FILE, atomic_write_bytes, atomic_write_json, make_record
 from .schedule import stage_at
-from .train import batches, evaluate, get_state, plan_for, set_state, train_local, trainable_names
+from .train import (batches, evaluate, get_state, plan_for, set_state, tensors_by_name, train_local,
+                    trainable_names)
 
 GB = 2 ** 30
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pkl"
 METRICS_FILE = "metrics.jsonl"
 
 # Device memory profiles in GB. "paper": phone/Jetson-class tiers of about 4-12 GB.
@@ -78,9 +82,10 @@ def _unit(*keys) -> np.ndarray:
     return (_mix(*keys) >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
 
 
-def client_seed(seed: int, round_index: int, client_id: int) -> int:
-    """Local training seed of a client in a round."""
-    return int(_mix(seed, _TRAIN, round_index, client_id) % np.uint64(2 ** 31 - 1))
+def client_seed(seed: int, round_index: int, client_id) -> int | np.ndarray:
+    """Local training seed of a client in a round (an array of them for an array of ids)."""
+    out = _mix(seed, _TRAIN, round_index, client_id) % np.uint64(2 ** 31 - 1)
+    return int(out) if np.ndim(out) == 0 else out.astype(np.int64)
 
 
 def injected_failure(seed: int, round_index: int, client_id: int, rate: float) -> bool:
@@ -188,17 +193,29 @@ class InjectedFailure(RuntimeError):
     """A failure injected by ``fed.failure_rate``."""
 
 
+def seed_generators(seed: int) -> None:
+    """``torch.manual_seed`` for the generators a client uses. (``torch.manual_seed`` itself
+    queues a CUDA seeding call with a stack trace whenever CUDA is not initialised: 0.2 ms
+    and a little memory on every call, 15 times a round.)"""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def client_update(backbone: Backbone, config: RunConfig, dataset, plan, state: dict[str, torch.Tensor],
-                  round_index: int, client_id: int, pad_id: int = 0):
+                  round_index: int, client_id: int, pad_id: int = 0, *, seed: int | None = None,
+                  targets: dict[str, torch.Tensor] | None = None):
     """One client's round: load ``state``, train the plan's tensors, return the LocalResult.
 
+    ``seed`` (:func:`client_seed`) and ``targets`` (``tensors_by_name`` of ``state``'s names)
+    may be passed when the caller computed them for a whole round.
     Raises :class:`InjectedFailure` when the failure injection picks this (round, client).
     """
     if injected_failure(config.seed, round_index, client_id, config.fed.failure_rate):
         raise InjectedFailure(f"injected failure (rate {config.fed.failure_rate})")
-    set_state(backbone, state)
-    seed = client_seed(config.seed, round_index, client_id)
-    torch.manual_seed(seed)
+    set_state(backbone, state, targets)
+    seed = client_seed(config.seed, round_index, client_id) if seed is None else seed
+    seed_generators(seed)
     return train_local(backbone, dataset, plan, config.train, seed=seed, pad_id=pad_id)
 
 
@@ -262,6 +279,7 @@ class Server:
             "versions": {}, "last_sync": {}, "history": [], "failures": [],
         }
         self._backbone = backbone
+        self._window: tuple = (None, [], [])
 
     # -- FOAT
     @property
@@ -291,16 +309,24 @@ class Server:
         return sample_clients(self.config.seed, round_index, self.eligible, self.config.fed.clients_per_round)
 
     def window_names(self, plan) -> list[str]:
-        return [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
+        """Global tensors the plan trains (computed once per plan: every client of a round asks)."""
+        if self._window[0] is not plan:
+            names = [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
+            chosen = set(names)
+            self._window = (plan, names, [n for n in self.state["global"] if n not in chosen])
+        return self._window[1]
+
+    def window_state(self, plan) -> dict[str, torch.Tensor]:
+        g = self.state["global"]
+        return {n: g[n] for n in self.window_names(plan)}
 
     def downlink(self, round_index: int, client_id: int, plan) -> tuple[dict, dict]:
         """(window tensors, context tensors the client has not seen since its last round)."""
         g = self.state["global"]
-        window = self.window_names(plan)
-        others = [n for n in g if n not in set(window)]
-        context = stale_names(others, self.state["versions"], self.state["last_sync"].get(client_id, -1))
+        window = self.window_state(plan)          # also caches the names outside the window
+        context = stale_names(self._window[2], self.state["versions"], self.state["last_sync"].get(client_id, -1))
         self.state["last_sync"][client_id] = round_index
-        return {n: g[n] for n in window}, {n: g[n] for n in context}
+        return window, {n: g[n] for n in context}
 
     def aggregate(self, round_index: int, updates: list[tuple[dict, int]]) -> dict:
         """FedAvg the window into the global state; returns the averaged tensors."""
@@ -313,19 +339,87 @@ class Server:
         return avg
 
     # -- checkpoint
-    def checkpoint_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save({**self.state, "config": self.config.to_dict(), "window": self.window,
-                    "torch_rng": torch.get_rng_state()}, buf)
-        return buf.getvalue()
+    def snapshot(self) -> dict:
+        """The checkpoint's content, safe to serialise later: the containers the next rounds
+        change are copied (the tensors are not: the server replaces them, never writes them)."""
+        st = self.state
+        return {**st, "global": dict(st["global"]), "versions": dict(st["versions"]),
+                "last_sync": dict(st["last_sync"]), "history": list(st["history"]),
+                "failures": list(st["failures"]), "config": self.config.to_dict(), "window": self.window,
+                "torch_rng": torch.get_rng_state()}
+
+    def checkpoint_bytes(self, snapshot: dict | None = None) -> bytes:
+        """The server state as a pickle, tensors as numpy arrays where numpy has their dtype
+        (a tenth of ``torch.save``'s time for a few dozen small tensors; read by :func:`read_checkpoint`)."""
+        snap = snapshot if snapshot is not None else self.snapshot()
+        snap["global"] = {k: _to_numpy(v) for k, v in snap["global"].items()}
+        snap["torch_rng"] = _to_numpy(snap["torch_rng"])
+        return pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)
 
     def restore(self, path: Path) -> None:
-        saved = torch.load(path, weights_only=False)
+        saved = read_checkpoint(path)
         if saved.pop("config") != self.config.to_dict():
             raise ValueError(f"{path} holds a run with a different config; use a fresh out_dir")
         torch.set_rng_state(saved.pop("torch_rng"))
         saved.pop("window")
         self.state = saved
+
+
+def _to_numpy(t: torch.Tensor):
+    """A CPU numpy copy of ``t`` (bit for bit), or ``t`` itself where numpy lacks its dtype (bfloat16)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.cpu()
+    return t.cpu().numpy().copy() if t.device.type != "cpu" else t.numpy()
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint written by :meth:`Server.checkpoint_bytes`, tensors back as torch tensors."""
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    as_tensor = lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v  # noqa: E731
+    saved["global"] = {k: as_tensor(v) for k, v in saved["global"].items()}
+    saved["torch_rng"] = as_tensor(saved["torch_rng"])
+    return saved
+
+
+class Checkpointer:
+    """Writes the server's checkpoints in a background thread, one at a time, in order.
+
+    ``save`` serialises the state on the caller's thread and returns: the atomic write
+    (with its fsync) overlaps the next round. A write that fails is raised by
+    the next ``save`` or by ``close``, naming the round; the checkpoint before it is intact,
+    and a restart resumes from it, bitwise as ever (every round is a pure function of the seed).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def save(self, server: Server, label: str) -> None:
+        self.wait()
+        data = server.checkpoint_bytes()     # here: pickling holds the GIL, it would stall this thread anyway
+        self._pending = self._pool.submit(self._write, data, label)
+
+    def _write(self, data: bytes, label: str) -> None:
+        try:
+            atomic_write_bytes(self.path, data)
+        except OSError as e:
+            raise OSError(e.errno, f"checkpoint after {label} not written to {self.path} ({e.strerror}); "
+                                   "the previous checkpoint is intact and a restart resumes from it") from e
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is on disk; raise its write error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 # ---------------------------------------------------------------------- the simulator
@@ -391,12 +485,10 @@ def _round_metrics(round_index, plan, clients, results, failures, bytes_up, byte
 def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None = None) -> dict:
     """Run (or resume) a federated experiment; return its record, also written to out_dir.
 
-    ``out_dir`` receives ``checkpoint.pt`` (server state, every round), ``metrics.jsonl``
+    ``out_dir`` receives ``checkpoint.pkl`` (server state, every round), ``metrics.jsonl``
     (one line per round) and ``record.json`` (at the end). Rerunning the same command on
     the same ``out_dir`` continues from the last checkpoint.
     """
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -412,57 +504,13 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
     elif (out / METRICS_FILE).exists():
         (out / METRICS_FILE).unlink()
 
-    if server.needs_foat:
-        clients = server.foat_clients()
-        set_state(backbone, server.state["global"])
-        scores = [client_profile(backbone, cfg, pop.data(c), task.pad_id) for c in clients]
-        server.set_start(scores, [pop.num_examples(c) for c in clients])
-        atomic_write_bytes(ckpt, server.checkpoint_bytes())
-
-    rounds, st = cfg.fed.rounds, server.state
-    bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress,
-               desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
-    for r in bar:
-        round_started = time.perf_counter()
-        plan = server.plan(r)
-        clients = server.round_clients(r)
-        results, failures, bytes_up, bytes_down, bytes_ctx = [], [], 0, 0, 0
-        for c in clients:
-            window, context = server.downlink(r, c, plan)
-            bytes_down += state_bytes(window)
-            bytes_ctx += state_bytes(context)
-            try:
-                res = client_update(backbone, cfg, pop.data(c), plan, server.state["global"], r, c, task.pad_id)
-            except Exception as err:     # a failing client is dropped from the round, not the run
-                failures.append({"round": r, "client": c, "kind": "injected" if isinstance(err, InjectedFailure)
-                                 else "error", "message": f"{type(err).__name__}: {err}"})
-                continue
-            timeout = cfg.fed.client_timeout_s
-            if timeout is not None and res.seconds > timeout:
-                failures.append({"round": r, "client": c, "kind": "timeout",
-                                 "message": f"local training took {res.seconds:.2f} s > {timeout} s"})
-                continue
-            bytes_up += state_bytes(res.state)
-            results.append((c, res))
-        server.aggregate(r, [(res.state, res.num_examples) for _, res in results])
-        metrics = _round_metrics(r, plan, clients, results, failures, bytes_up, bytes_down, bytes_ctx)
-        metrics["skipped"] = not results
-        if not results:
-            bar.write(f"round {r}: every client failed; round skipped")
-        if (r + 1) % cfg.fed.eval_every == 0 or r == rounds - 1:
-            set_state(backbone, server.state["global"])
-            metrics.update({f"test_{k}": v for k, v in evaluate(backbone, task.test, pad_id=task.pad_id).items()})
-        metrics["seconds_round"] = time.perf_counter() - round_started
-        st = server.state
-        st["history"].append(metrics)
-        st["failures"].extend(failures)
-        st["round"] = r + 1
-        atomic_write_bytes(ckpt, server.checkpoint_bytes())
-        with open(out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
-                        acc=f"{metrics.get('test_accuracy', math.nan):.3f}")
-    bar.close()
+    checkpoints = Checkpointer(ckpt)
+    gc.freeze()      # the model, data and libraries live all run: keep them out of every full collection
+    try:
+        _rounds(cfg, task, backbone, pop, server, out, checkpoints, progress, started)
+    finally:
+        gc.unfreeze()
+        checkpoints.close()
 
     record = make_record(cfg.to_dict(), seed=cfg.seed, wall_s=time.perf_counter() - started,
                          history=server.state["history"], failures=server.state["failures"],
@@ -475,6 +523,77 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
     return record
 
 
+def _rounds(cfg: RunConfig, task: Task, backbone: Backbone, pop: "Population", server: Server, out: Path,
+            checkpoints: Checkpointer, progress: bool, started: float) -> None:
+    """FOAT (if the start layer is not set yet), then the rounds from the checkpoint's on."""
+    from tqdm.auto import tqdm
+
+    if server.needs_foat:
+        clients = server.foat_clients()
+        set_state(backbone, server.state["global"])
+        scores = [client_profile(backbone, cfg, pop.data(c), task.pad_id) for c in clients]
+        server.set_start(scores, [pop.num_examples(c) for c in clients])
+        checkpoints.save(server, "FOAT")
+
+    rounds, st = cfg.fed.rounds, server.state
+    bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress,
+               desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
+    for r in bar:
+        round_started = time.perf_counter()
+        plan = server.plan(r)
+        clients = server.round_clients(r)
+        results, failures, bytes_up, bytes_down, bytes_ctx = [], [], 0, 0, 0
+        # Clients share one model: it starts the round at the global state, and since a
+        # client trains only the window, resetting the window gives the next one that state.
+        set_state(backbone, server.state["global"])
+        targets = tensors_by_name(backbone, server.window_names(plan))
+        seeds = client_seed(cfg.seed, r, np.asarray(clients))
+        window_bytes, clients_s = state_bytes(server.window_state(plan)), 0.0
+        for c, seed in zip(clients, seeds.tolist()):
+            window, context = server.downlink(r, c, plan)
+            bytes_down += window_bytes
+            bytes_ctx += state_bytes(context)
+            rows = pop.data(c)                            # the simulator's stand-in for the device's data
+            client_started = time.perf_counter()
+            try:
+                res = client_update(backbone, cfg, rows, plan, window, r, c, task.pad_id,
+                                    seed=seed, targets=targets)
+            except Exception as err:     # a failing client is dropped from the round, not the run
+                failures.append({"round": r, "client": c, "kind": "injected" if isinstance(err, InjectedFailure)
+                                 else "error", "message": f"{type(err).__name__}: {err}"})
+                continue
+            finally:
+                clients_s += time.perf_counter() - client_started
+            timeout = cfg.fed.client_timeout_s
+            if timeout is not None and res.seconds > timeout:
+                failures.append({"round": r, "client": c, "kind": "timeout",
+                                 "message": f"local training took {res.seconds:.2f} s > {timeout} s"})
+                continue
+            bytes_up += state_bytes(res.state)
+            results.append((c, res))
+        server.aggregate(r, [(res.state, res.num_examples) for _, res in results])
+        metrics = _round_metrics(r, plan, clients, results, failures, bytes_up, bytes_down, bytes_ctx)
+        metrics["skipped"] = not results
+        metrics["seconds_clients"] = clients_s       # what the clients do: load the window, seed, train
+        if not results:
+            bar.write(f"round {r}: every client failed; round skipped")
+        if (r + 1) % cfg.fed.eval_every == 0 or r == rounds - 1:
+            set_state(backbone, server.state["global"])
+            metrics.update({f"test_{k}": v for k, v in evaluate(backbone, task.test, pad_id=task.pad_id).items()})
+        metrics["seconds_round"] = time.perf_counter() - round_started     # without the checkpoint below
+        metrics["seconds_since_start"] = round_started - started           # round spacing: everything
+        st = server.state
+        st["history"].append(metrics)
+        st["failures"].extend(failures)
+        st["round"] = r + 1
+        checkpoints.save(server, f"round {r}")
+        with open(out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
+                        acc=f"{metrics.get('test_accuracy', math.nan):.3f}")
+    bar.close()
+
+
 def _rewrite_metrics(out: Path, history: list[dict]) -> None:
     """Make metrics.jsonl agree with the checkpoint (a kill may have come between the two)."""
     atomic_write_bytes(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history).encode())
@@ -482,7 +601,7 @@ def _rewrite_metrics(out: Path, history: list[dict]) -> None:
 
 def load_final_state(out_dir) -> dict[str, torch.Tensor]:
     """Global tensors of a run's last checkpoint."""
-    return torch.load(Path(out_dir) / CHECKPOINT_FILE, weights_only=False)["global"]
+    return read_checkpoint(Path(out_dir) / CHECKPOINT_FILE)["global"]
 
 
 # ---------------------------------------------------------------------- CLI

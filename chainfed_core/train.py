@@ -79,20 +79,22 @@ def named_tensors(backbone: Backbone) -> dict[str, nn.Parameter]:
 def tensors_by_name(backbone: Backbone, names: Iterable[str]) -> dict[str, nn.Parameter]:
     """The tensors of ``names`` (exchange names, see :func:`named_tensors`), found by path
     rather than by walking every module: a client's per-round lookups stay cheap at any depth."""
-    found, unknown, head = {}, [], None
+    found, unknown, owners = {}, [], {}
     for name in names:
         kind, _, rest = name.partition(".")
         index, _, param = rest.partition(".")
+        key = "head" if kind == "head" else (kind, index)
         try:
-            if kind == "adapters":
-                found[name] = backbone.adapters[index].get_parameter(param)
-            elif kind == "layers":
-                found[name] = backbone.layers[int(index)].get_parameter(param)
-            elif kind == "head":
-                head = head if head is not None else backbone.head_parameters()
-                found[name] = head[name]
-            else:
-                unknown.append(name)
+            if key not in owners:       # each adapter, layer and the head is looked up once
+                if kind == "adapters":
+                    owners[key] = dict(backbone.adapters[index].named_parameters())
+                elif kind == "layers":
+                    owners[key] = dict(backbone.layers[int(index)].named_parameters())
+                elif kind == "head":
+                    owners[key] = backbone.head_parameters()
+                else:
+                    raise KeyError(kind)
+            found[name] = owners[key][name if kind == "head" else param]
         except (AttributeError, KeyError, IndexError, ValueError):
             unknown.append(name)
     if unknown:
@@ -120,11 +122,12 @@ def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tenso
     return {n: t.detach().clone() for n, t in tensors_by_name(backbone, names).items()}
 
 
-def set_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
-    tensors = tensors_by_name(backbone, state)
+def set_state(backbone: Backbone, state: dict[str, torch.Tensor],
+              tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy ``state`` into the backbone (``tensors``: its :func:`tensors_by_name`, if known)."""
+    tensors = tensors if tensors is not None else tensors_by_name(backbone, state)
     with torch.no_grad():
-        for name, value in state.items():
-            tensors[name].copy_(value)
+        torch._foreach_copy_([tensors[name] for name in state], list(state.values()))
 
 
 # ---------------------------------------------------------------------- batches
@@ -205,8 +208,8 @@ def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, 
     ``prefix`` computes the window's input for a batch; the default runs the embeddings and
     the frozen layers under ``no_grad``. The activation cache passes its own.
     """
-    names = trainable_names(backbone, plan)
     started = time.perf_counter()
+    names = trainable_names(backbone, plan)
     if not names:
         return LocalResult({}, len(dataset), 0, math.nan, math.nan, 0.0)
     params = _set_trainable(backbone, names)

@@ -1,8 +1,10 @@
 """FedAvg of the window and payload accounting, with exact expectations."""
 
+import numpy as np
 import pytest
 import torch
 
+from chainfed_core import aggregation
 from chainfed_core.aggregation import fedavg, merge, stale_names, state_bytes
 
 
@@ -24,6 +26,18 @@ def test_fedavg_single_update_is_identity_and_random_matches_float64_mean():
     assert torch.equal(fedavg([(states[0], 9)])["w"], states[0]["w"])
     expected = sum(s["w"].double() * n for s, n in zip(states, counts)) / sum(counts)
     assert torch.equal(fedavg(list(zip(states, counts)))["w"], expected.float())
+
+
+def test_numpy_and_torch_paths_of_the_weighted_mean_agree():
+    g = torch.Generator().manual_seed(1)
+    weights = np.array([0.5, 0.125, 0.375])
+    for shape in [(), (1,), (9,), (4, 33)]:
+        tensors = [torch.randn(shape, generator=g) for _ in weights]
+        got = aggregation._weighted_mean(tensors, weights)
+        assert got.dtype == torch.float32 and got.shape == torch.Size(shape)
+        assert torch.equal(got, aggregation._weighted_mean_torch(tensors, weights))
+    bf16 = [t.to(torch.bfloat16) for t in tensors]               # numpy lacks bfloat16: the torch path
+    assert aggregation._weighted_mean(bf16, weights).dtype == torch.bfloat16
 
 
 def test_fedavg_rejects_mismatched_or_empty_updates():

@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import (CHECKPOINT_FILE, METRICS_FILE, device_capacity_gb, injected_failure,
-                                     load_final_state, run, sample_clients)
+                                     load_final_state, read_checkpoint, run, sample_clients)
 from chainfed_core.partition import client_indices
 from chainfed_core.records import RECORD_FILE, load_records
 
@@ -61,7 +61,7 @@ def test_only_window_tensors_travel_and_bytes_are_counted(tmp_path):
         assert m["bytes_down"] == per_client * len(m["clients"])
     # adapters never in a window keep their seeded initial value and are never sent
     final = load_final_state(tmp_path)
-    start = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    start = read_checkpoint(tmp_path / CHECKPOINT_FILE)
     assert record["history"][0]["bytes_down_context"] == 0
     assert set(final) == set(start["global"])
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
