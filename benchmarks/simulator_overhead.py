@@ -5,9 +5,10 @@ checkpoint, metrics, everything) minus the clients' work (``client_update``: loa
 window into the model, seed, train; on a real federation the devices do it), over the
 rounds between the first and the last; the share beyond ``train_local``'s own clock alone
 is printed too. Peak memory is the process's VmHWM measured in a fresh subprocess
-per N, so the two N share nothing. Run from the repo root:
+per N, so the two N share nothing; each N runs --repeats times, interleaved, and the run of
+median overhead is shown with the range over all. Run from the repo root:
 
-    PYTHONPATH=. python benchmarks/simulator_overhead.py [--rounds 5]
+    python benchmarks/simulator_overhead.py [--rounds 24] [--local-steps 1]
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def measure(num_clients: int, rounds: int, local_steps: int = 1) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--local-steps", type=int, default=1,
                         help="Steps of batch 4 each client trains (1: the smallest workload, the worst case for overhead).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per N; the run of median overhead is shown.")
     parser.add_argument("--out", default="results/benchmarks/simulator_overhead.json",
                         help="JSON record of the run (default: %(default)s).")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # child mode: measure a single N
@@ -69,13 +71,18 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.rounds, args.local_steps)))
         return
-    results = []
-    for n in (100, 10_000):
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds),
-                              "--local-steps", str(args.local_steps)],
-                             capture_output=True, text=True, check=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = {n: [] for n in (100, 10_000)}
+    for _ in range(args.repeats):            # interleaved, so a busy spell of the machine hits both N
+        for n in runs:
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds),
+                                  "--local-steps", str(args.local_steps)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            runs[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    # each figure: its median over the repeats (the run of median overhead for the others)
+    results = [sorted(rs, key=lambda r: r["overhead_pct"])[len(rs) // 2] for rs in runs.values()]
+    for r, rs in zip(results, runs.values()):
+        r["overhead_pct_runs"] = [x["overhead_pct"] for x in rs]
     print(f"{'':24}" + "".join(f"{'N=' + format(r['N'], ','):>14}" for r in results))
     for key, label in [("eligible", "eligible clients"), ("round_s", "round time (s)"),
                        ("clients_s", "clients' work (s)"), ("train_s", "  of which train_local (s)"),
@@ -84,11 +91,13 @@ def main() -> None:
                        ("peak_rss_mib", "peak RSS (MiB)")]:
         print(f"{label:24}" + "".join(f"{r[key]:>14.3f}" if isinstance(r[key], float) else f"{r[key]:>14}"
                                      for r in results))
+    print(f"{'overhead % of each run':24}" + "".join(
+        f"{min(r['overhead_pct_runs']):>8.2f}-{max(r['overhead_pct_runs']):<5.2f}" for r in results))
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "one"}, "commit": commit,
-                               "platform": platform.platform(), "results": results}, indent=1))
+                               "platform": platform.platform(), "results": results, "runs": {str(n): rs for n, rs in runs.items()}}, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -440,8 +440,13 @@ class Population:
         columns = ["input_ids", "attention_mask", "label"]
         return {k: torch.as_tensor(v) for k, v in self.train.with_format("torch", columns=columns)[:].items()}
 
+    @functools.cached_property
+    def _order(self) -> torch.Tensor:
+        return torch.as_tensor(self.partition.order, dtype=torch.long)
+
     def data(self, client_id: int) -> "ClientRows":
-        return ClientRows(self._columns, self.partition.indices(client_id))
+        begin, end = self.partition.offsets[client_id:client_id + 2].tolist()
+        return ClientRows(self._columns, self._order[begin:end])     # a view: nothing copied per client
 
     def num_examples(self, client_id: int) -> int:
         return int(self.partition.sizes()[client_id])
@@ -455,7 +460,8 @@ class ClientRows:
 
     def __init__(self, columns: dict[str, torch.Tensor], indices):
         self.columns = columns
-        self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        self.indices = (indices if isinstance(indices, torch.Tensor)
+                        else torch.as_tensor(np.asarray(indices), dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.indices)
