@@ -125,6 +125,8 @@ def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tenso
 def set_state(backbone: Backbone, state: dict[str, torch.Tensor],
               tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Copy ``state`` into the backbone (``tensors``: its :func:`tensors_by_name`, if known)."""
+    if not state:                    # No-FT exchanges nothing
+        return
     tensors = tensors if tensors is not None else tensors_by_name(backbone, state)
     with torch.no_grad():
         torch._foreach_copy_([tensors[name] for name in state], list(state.values()))

@@ -113,6 +113,12 @@ def test_injected_failures_are_dropped_and_recorded(tmp_path):
     assert len(record["history"]) == 4
 
 
+def test_no_ft_exchanges_nothing_and_runs(tmp_path):
+    record = run(RunConfig.from_dict({**tiny_config(rounds=2), "method": "no_ft"}), tmp_path, progress=False)
+    assert [m["bytes_up"] for m in record["history"]] == [0, 0]
+    assert 0.0 <= record["final"]["test_accuracy"] <= 1.0
+
+
 def test_round_where_every_client_fails_is_skipped(tmp_path):
     cfg = RunConfig.from_dict(tiny_config(rounds=2, failure_rate=0.99))
     record = run(cfg, tmp_path, progress=False)
