@@ -98,7 +98,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "one"}, "commit": commit,
                                "platform": platform.platform(), "results": results, "runs": {str(n): rs for n, rs in runs.items()}}, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ class Server:
         self.state: dict[str, Any] = {
             "round": 0, "start_layer": cfg.chain.start_layer if cfg.method == "chainfed" else 0,
             "foat_scores": None, "global": get_state(backbone, exchanged_names(backbone, cfg.method)),
-            "versions": {}, "last_sync": {}, "history": [], "failures": [],
+            "versions": {}, "last_sync": np.full(len(capacity), -1, dtype=np.int64), "history": [],
         }
         self._backbone = backbone
         self._window: tuple = (None, [], [])
@@ -324,8 +324,9 @@ class Server:
         """(window tensors, context tensors the client has not seen since its last round)."""
         g = self.state["global"]
         window = self.window_state(plan)          # also caches the names outside the window
-        context = stale_names(self._window[2], self.state["versions"], self.state["last_sync"].get(client_id, -1))
-        self.state["last_sync"][client_id] = round_index
+        last_sync = self.state["last_sync"]
+        context = stale_names(self._window[2], self.state["versions"], int(last_sync[client_id]))
+        last_sync[client_id] = round_index
         return window, {n: g[n] for n in context}
 
     def aggregate(self, round_index: int, updates: list[tuple[dict, int]]) -> dict:
@@ -341,12 +342,13 @@ class Server:
     # -- checkpoint
     def snapshot(self) -> dict:
         """The checkpoint's content, safe to serialise later: the containers the next rounds
-        change are copied (the tensors are not: the server replaces them, never writes them)."""
+        change are copied (the tensors are not: the server replaces them, never writes them).
+        The metrics history is left out: it is the append-only ``metrics.jsonl``, whose first
+        ``round`` lines the checkpoint stands for, so a checkpoint costs the same at every round."""
         st = self.state
-        return {**st, "global": dict(st["global"]), "versions": dict(st["versions"]),
-                "last_sync": dict(st["last_sync"]), "history": list(st["history"]),
-                "failures": list(st["failures"]), "config": self.config.to_dict(), "window": self.window,
-                "torch_rng": torch.get_rng_state()}
+        return {**{k: v for k, v in st.items() if k != "history"}, "global": dict(st["global"]),
+                "versions": dict(st["versions"]), "last_sync": st["last_sync"].copy(),
+                "config": self.config.to_dict(), "window": self.window, "torch_rng": torch.get_rng_state()}
 
     def checkpoint_bytes(self, snapshot: dict | None = None) -> bytes:
         """The server state as a pickle, tensors as numpy arrays where numpy has their dtype
@@ -356,13 +358,18 @@ class Server:
         snap["torch_rng"] = _to_numpy(snap["torch_rng"])
         return pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path, history: list[dict]) -> None:
+        """Continue from the checkpoint at ``path``; ``history``: the metrics of the rounds so
+        far (at least the checkpoint's ``round`` of them; later ones are dropped)."""
         saved = read_checkpoint(path)
         if saved.pop("config") != self.config.to_dict():
             raise ValueError(f"{path} holds a run with a different config; use a fresh out_dir")
+        if len(history) < saved["round"]:
+            raise ValueError(f"{path} is at round {saved['round']} but the metrics record has {len(history)} "
+                             "rounds: it was truncated or edited; use a fresh out_dir")
         torch.set_rng_state(saved.pop("torch_rng"))
         saved.pop("window")
-        self.state = saved
+        self.state = {**saved, "history": history[:saved["round"]]}
 
 
 def _to_numpy(t: torch.Tensor):
@@ -384,26 +391,33 @@ def read_checkpoint(path) -> dict:
 
 
 class Checkpointer:
-    """Writes the server's checkpoints in a background thread, one at a time, in order.
+    """Writes the server's checkpoints (and appends the metrics record) in a background thread,
+    one at a time, in order.
 
-    ``save`` serialises the state on the caller's thread and returns: the atomic write
-    (with its fsync) overlaps the next round. A write that fails is raised by
-    the next ``save`` or by ``close``, naming the round; the checkpoint before it is intact,
-    and a restart resumes from it, bitwise as ever (every round is a pure function of the seed).
+    ``save`` serialises the state on the caller's thread and returns: the file writes (and
+    the checkpoint's fsync) overlap the next round. A write that fails is raised by the next
+    ``save`` or by ``close``, naming the round; the checkpoint before it is intact, and a
+    restart resumes from it, bitwise as ever (every round is a pure function of the seed),
+    dropping any metrics line past it.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, metrics_path: Path):
+        self.path, self.metrics_path = path, metrics_path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
 
-    def save(self, server: Server, label: str) -> None:
+    def save(self, server: Server, label: str, metrics_line: str = "") -> None:
         self.wait()
         data = server.checkpoint_bytes()     # here: pickling holds the GIL, it would stall this thread anyway
-        self._pending = self._pool.submit(self._write, data, label)
+        self._pending = self._pool.submit(self._write, data, label, metrics_line)
 
-    def _write(self, data: bytes, label: str) -> None:
+    def _write(self, data: bytes, label: str, metrics_line: str) -> None:
         try:
+            if metrics_line:      # on disk before the checkpoint that stands for it
+                with open(self.metrics_path, "a") as f:
+                    f.write(metrics_line)
+                    f.flush()
+                    os.fsync(f.fileno())
             atomic_write_bytes(self.path, data)
         except OSError as e:
             raise OSError(e.errno, f"checkpoint after {label} not written to {self.path} ({e.strerror}); "
@@ -491,9 +505,10 @@ def _round_metrics(round_index, plan, clients, results, failures, bytes_up, byte
 def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None = None) -> dict:
     """Run (or resume) a federated experiment; return its record, also written to out_dir.
 
-    ``out_dir`` receives ``checkpoint.pkl`` (server state, every round), ``metrics.jsonl``
-    (one line per round) and ``record.json`` (at the end). Rerunning the same command on
-    the same ``out_dir`` continues from the last checkpoint.
+    ``out_dir`` receives ``metrics.jsonl`` (one line per round, with its failures),
+    ``checkpoint.pkl`` (server state after every round; it stands for the metrics lines before
+    it) and ``record.json`` (at the end). Rerunning the same command on the same ``out_dir``
+    continues from the last checkpoint.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -505,12 +520,12 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
     server = Server(cfg, backbone, pop.capacity_gb, _seq_len(task.train))
     ckpt = out / CHECKPOINT_FILE
     if ckpt.exists():
-        server.restore(ckpt)
+        server.restore(ckpt, _read_metrics(out))
         _rewrite_metrics(out, server.state["history"])
     elif (out / METRICS_FILE).exists():
         (out / METRICS_FILE).unlink()
 
-    checkpoints = Checkpointer(ckpt)
+    checkpoints = Checkpointer(ckpt, out / METRICS_FILE)
     gc.freeze()      # the model, data and libraries live all run: keep them out of every full collection
     try:
         _rounds(cfg, task, backbone, pop, server, out, checkpoints, progress, started)
@@ -519,7 +534,8 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
         checkpoints.close()
 
     record = make_record(cfg.to_dict(), seed=cfg.seed, wall_s=time.perf_counter() - started,
-                         history=server.state["history"], failures=server.state["failures"],
+                         history=server.state["history"],
+                         failures=[f for m in server.state["history"] for f in m["failures"]],
                          start_layer=server.state["start_layer"], window=server.window,
                          foat_scores=server.state["foat_scores"],
                          eligible_clients=int(len(server.eligible)), num_clients=cfg.data.num_clients,
@@ -544,6 +560,7 @@ def _rounds(cfg: RunConfig, task: Task, backbone: Backbone, pop: "Population", s
     rounds, st = cfg.fed.rounds, server.state
     bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress,
                desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
+    everything = tensors_by_name(backbone, st["global"])      # the model's tensors, looked up once
     for r in bar:
         round_started = time.perf_counter()
         plan = server.plan(r)
@@ -551,8 +568,8 @@ def _rounds(cfg: RunConfig, task: Task, backbone: Backbone, pop: "Population", s
         results, failures, bytes_up, bytes_down, bytes_ctx = [], [], 0, 0, 0
         # Clients share one model: it starts the round at the global state, and since a
         # client trains only the window, resetting the window gives the next one that state.
-        set_state(backbone, server.state["global"])
-        targets = tensors_by_name(backbone, server.window_names(plan))
+        set_state(backbone, server.state["global"], everything)
+        targets = {n: everything[n] for n in server.window_names(plan)}
         seeds = client_seed(cfg.seed, r, np.asarray(clients))
         window_bytes, clients_s = state_bytes(server.window_state(plan)), 0.0
         for c, seed in zip(clients, seeds.tolist()):
@@ -580,24 +597,34 @@ def _rounds(cfg: RunConfig, task: Task, backbone: Backbone, pop: "Population", s
         server.aggregate(r, [(res.state, res.num_examples) for _, res in results])
         metrics = _round_metrics(r, plan, clients, results, failures, bytes_up, bytes_down, bytes_ctx)
         metrics["skipped"] = not results
+        metrics["failures"] = failures
         metrics["seconds_clients"] = clients_s       # what the clients do: load the window, seed, train
         if not results:
             bar.write(f"round {r}: every client failed; round skipped")
         if (r + 1) % cfg.fed.eval_every == 0 or r == rounds - 1:
-            set_state(backbone, server.state["global"])
+            set_state(backbone, server.state["global"], everything)
             metrics.update({f"test_{k}": v for k, v in evaluate(backbone, task.test, pad_id=task.pad_id).items()})
         metrics["seconds_round"] = time.perf_counter() - round_started     # without the checkpoint below
         metrics["seconds_since_start"] = round_started - started           # round spacing: everything
         st = server.state
         st["history"].append(metrics)
-        st["failures"].extend(failures)
         st["round"] = r + 1
-        checkpoints.save(server, f"round {r}")
-        with open(out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        checkpoints.save(server, f"round {r}", json.dumps(metrics) + "\n")
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
                         acc=f"{metrics.get('test_accuracy', math.nan):.3f}")
     bar.close()
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    """The rounds in ``metrics.jsonl`` (a line cut short by a kill ends the list)."""
+    history = []
+    path = out / METRICS_FILE
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return history
 
 
 def _rewrite_metrics(out: Path, history: list[dict]) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .aggregation import pack
 from .backbone import Backbone, LayerContext
 from .config import TrainConfig
 from .gpo import gpo_loss
@@ -119,7 +120,8 @@ def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
 
 
 def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in tensors_by_name(backbone, names).items()}
+    """Copies of the named tensors, packed in one buffer where they share a dtype (:func:`pack`)."""
+    return pack(tensors_by_name(backbone, names))
 
 
 def set_state(backbone: Backbone, state: dict[str, torch.Tensor],

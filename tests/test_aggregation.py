@@ -28,16 +28,23 @@ def test_fedavg_single_update_is_identity_and_random_matches_float64_mean():
     assert torch.equal(fedavg(list(zip(states, counts)))["w"], expected.float())
 
 
-def test_numpy_and_torch_paths_of_the_weighted_mean_agree():
+def test_packed_and_per_tensor_torch_paths_of_fedavg_agree_bitwise():
     g = torch.Generator().manual_seed(1)
-    weights = np.array([0.5, 0.125, 0.375])
-    for shape in [(), (1,), (9,), (4, 33)]:
-        tensors = [torch.randn(shape, generator=g) for _ in weights]
-        got = aggregation._weighted_mean(tensors, weights)
-        assert got.dtype == torch.float32 and got.shape == torch.Size(shape)
-        assert torch.equal(got, aggregation._weighted_mean_torch(tensors, weights))
-    bf16 = [t.to(torch.bfloat16) for t in tensors]               # numpy lacks bfloat16: the torch path
-    assert aggregation._weighted_mean(bf16, weights).dtype == torch.bfloat16
+    counts = [4, 1, 3, 7]
+    weights = np.array(counts) / sum(counts)
+    shapes = {"s": (), "one": (1,), "v": (9,), "m": (4, 33), "h": (2, 3)}
+    states = [{n: torch.randn(shape, generator=g) for n, shape in shapes.items()} for _ in counts]
+    for state in states:
+        state["h"] = state["h"].to(torch.float16)                 # dtypes are kept per tensor
+    got = fedavg(list(zip(states, counts)))                          # CPU, numpy dtypes: packed
+    for name, shape in shapes.items():
+        want = aggregation._weighted_mean_torch([s[name] for s in states], weights)
+        assert got[name].dtype == states[0][name].dtype and got[name].shape == torch.Size(shape)
+        assert torch.equal(got[name], want), name
+    bf16 = [{"w": s["m"].to(torch.bfloat16)} for s in states]     # numpy lacks bfloat16: the torch path
+    out = fedavg(list(zip(bf16, counts)))["w"]
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, aggregation._weighted_mean_torch([s["w"] for s in bf16], weights))
 
 
 def test_fedavg_rejects_mismatched_or_empty_updates():

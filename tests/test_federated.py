@@ -100,6 +100,32 @@ def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     assert len((out / METRICS_FILE).read_text().splitlines()) == 6
 
 
+def test_failed_checkpoint_write_names_the_round_and_a_restart_resumes(tmp_path, monkeypatch):
+    import errno
+    from chainfed_core import federated
+
+    config = RunConfig.from_dict(tiny_config(rounds=4))
+    reference = run(config, tmp_path / "ref", progress=False)
+    real_write, writes = federated.atomic_write_bytes, []
+
+    def disk_full_after_two(path, data):
+        writes.append(path)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(federated, "atomic_write_bytes", disk_full_after_two)
+    with pytest.raises(OSError, match=r"checkpoint after round 2 not written .*previous checkpoint is intact"):
+        run(config, tmp_path / "full", progress=False)
+    assert read_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)["round"] == 2
+    monkeypatch.undo()
+    resumed = run(config, tmp_path / "full", progress=False)
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+    a, b = load_final_state(tmp_path / "full"), load_final_state(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "full" / METRICS_FILE).read_text().splitlines()) == 4
+
+
 def test_injected_failures_are_dropped_and_recorded(tmp_path):
     cfg = RunConfig.from_dict(tiny_config(rounds=4, clients_per_round=5, failure_rate=0.3))
     record = run(cfg, tmp_path, progress=False)
@@ -159,3 +185,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     run(RunConfig.from_dict(tiny_config(rounds=1)), tmp_path, progress=False)
     with pytest.raises(ValueError, match="different config"):
         run(RunConfig.from_dict(tiny_config(rounds=2, clients_per_round=2)), tmp_path, progress=False)
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text("")                              # the record the checkpoint stands for, lost
+    with pytest.raises(ValueError, match="at round 1 but the metrics record has 0 rounds"):
+        run(RunConfig.from_dict(tiny_config(rounds=1)), tmp_path, progress=False)
