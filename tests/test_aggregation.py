@@ -66,3 +66,28 @@ def test_state_bytes_merge_and_stale_names():
     versions = {"a": 3, "b": -1, "c": 5}
     assert stale_names(["a", "b", "c"], versions, last_sync=-1) == ["a", "c"]
     assert stale_names(["a", "b", "c"], versions, last_sync=3) == ["c"]
+
+
+def test_pack_copies_into_one_buffer_read_only_and_pickles_once():
+    import pickle
+
+    from chainfed_core.aggregation import PackedState, pack
+
+    source = {"a": torch.arange(6.0).view(2, 3).requires_grad_(), "b": torch.tensor(7.0), "c": torch.ones(4)}
+    state = pack(source)
+    assert isinstance(state, PackedState) and list(state) == ["a", "b", "c"]
+    assert all(torch.equal(state[k], source[k].detach()) and not state[k].requires_grad for k in source)
+    assert state.flat.numel() == 11 and state_bytes(state) == 44 == state_bytes(dict(state))
+    assert all(t.untyped_storage().data_ptr() == state.flat.untyped_storage().data_ptr() for t in state.values())
+    source["c"].add_(1)                                           # a copy: the source moves on alone
+    assert torch.equal(state["c"], torch.ones(4))
+    with pytest.raises(TypeError, match="read-only"):
+        state["a"] = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="read-only"):
+        state.pop("a")
+    blob = pickle.dumps(state)
+    assert len(blob) < len(pickle.dumps(dict(state)))             # the buffer once, not once per view
+    back = pickle.loads(blob)
+    assert isinstance(back, PackedState) and all(torch.equal(back[k], state[k]) for k in state)
+    mixed = pack({"a": torch.ones(2), "h": torch.ones(2, dtype=torch.float16)})
+    assert type(mixed) is dict and mixed["h"].dtype == torch.float16
