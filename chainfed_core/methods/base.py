@@ -1,0 +1,147 @@
+"""What a federated fine-tuning method is, and the registry that lists them.
+
+A method is one small class registered under its name (after PEFT's tuners and Flower
+baselines). In one place it says:
+
+- its own hyper-parameters (``Options``, a config section; ChainFed's is ``RunConfig.chain``),
+- which layers are frozen / training / idle at round r (:meth:`Method.plan_at`, :meth:`Method.plan`),
+- what it exchanges (:meth:`Method.exchanged_names`: every tensor it trains at some round),
+- the client update (:meth:`Method.client_update`; by default the shared loop ``train.train_local``),
+- the server's aggregation (:meth:`Method.aggregate`; FedAvg by default),
+- its peak memory on a device (:meth:`Method.peak_bytes`), which decides who may take part.
+
+The registry (:func:`register`, :func:`get_method`, :func:`method_names`) is the one list:
+config validation, memory-aware selection, the experiment grid, tables and the Flower apps
+read it. Adding a method is one new module with a registered subclass (see the README,
+"Adding a method").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..aggregation import fedavg
+from ..train import LocalResult, TrainPlan, train_local, trainable_names
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..config import RunConfig
+    from ..memory import MemoryEstimate
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: list ``cls`` under ``cls.name`` (a name may be registered once)."""
+    if not getattr(cls, "name", None) or not getattr(cls, "label", None):
+        raise TypeError(f"{cls.__name__} needs class attributes 'name' and 'label' to be registered")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a method from the registry (tests that register a toy method)."""
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> type["Method"]:
+    """The registered method class of ``name``; ``ValueError`` naming the allowed ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"RunConfig.method: {name!r} is not one of {method_names()}") from None
+
+
+def plan_for(method: str, num_layers: int, stage=None, lam: float = 0.0, train_head: bool = True) -> TrainPlan:
+    """The plan of a registered method at a chain stage (``stage`` matters to ChainFed only)."""
+    return get_method(method).plan_at(num_layers, stage, lam, train_head)
+
+
+def everything(num_layers: int) -> range:
+    return range(0, num_layers)
+
+
+def nothing(num_layers: int) -> range:
+    return range(num_layers, num_layers)
+
+
+class Method:
+    """Base class: a method that trains a fixed plan every round and averages it by FedAvg."""
+
+    name: ClassVar[str]                      # the registry key, ``RunConfig.method``
+    label: ClassVar[str]                     # how tables and figures name it
+    adapters: ClassVar[bool] = False         # bottleneck adapters injected into every layer
+    uses_chain: ClassVar[bool] = False       # reads RunConfig.chain (window, FOAT, GPO)
+    Options: ClassVar[type | None] = None    # a config section of its own (``RunConfig.method_options``)
+    memory_shape: ClassVar[str] = "full_adapters"   # the analytic model's name for its training step
+    # Named settings for the experiment grid: label -> partial RunConfig overrides.
+    variants: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, config: "RunConfig", num_layers: int, family: str):
+        self.config = config
+        self.num_layers = num_layers
+        self.family = family
+        Options = type(self).Options
+        self.options = Options.from_dict(config.method_options) if Options is not None else None
+
+    # -- what trains when
+    @classmethod
+    def plan_at(cls, num_layers: int, stage=None, lam: float = 0.0, train_head: bool = True) -> TrainPlan:
+        """Frozen / training / idle layers; a pure function of the model's depth (and, for
+        chain methods, the stage)."""
+        raise NotImplementedError
+
+    def plan(self, round_index: int, start_layer: int, window: int) -> TrainPlan:
+        """The plan of round ``round_index`` (``start_layer``, ``window``: the server's chain)."""
+        return self.plan_at(self.num_layers)
+
+    def widest_plan(self) -> TrainPlan:
+        """A plan covering every tensor the method trains at some round."""
+        return self.plan_at(self.num_layers)
+
+    # -- the model
+    def prepare(self, backbone: "Backbone") -> None:
+        """Add what the method trains to a freshly built, seeded backbone."""
+        if self.adapters:
+            torch.manual_seed(self.config.seed)
+            backbone.add_adapters(self.config.adapter)
+
+    def exchanged_names(self, backbone: "Backbone") -> list[str]:
+        """Every tensor the method can train at some round: the global state the server keeps."""
+        return trainable_names(backbone, self.widest_plan())
+
+    # -- the chain (ChainFed overrides these)
+    def initial_start_layer(self) -> int | None:
+        """The chain's start layer before any profiling; None asks for FOAT."""
+        return 0
+
+    def choose_window(self, capacities, peak) -> int:
+        """The window W, given device capacities (bytes) and ``peak(method, w)`` in bytes."""
+        return self.config.chain.window
+
+    # -- one client, the server
+    def client_update(self, backbone: "Backbone", dataset, plan: TrainPlan, *, seed: int,
+                      pad_id: int = 0) -> LocalResult:
+        """Train the plan's tensors on one client's data (the shared explicit loop)."""
+        return train_local(backbone, dataset, plan, self.config.train, seed=seed, pad_id=pad_id)
+
+    def aggregate(self, updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+        """The new global values of the updated tensors (FedAvg weighted by examples)."""
+        return fedavg(updates)
+
+    # -- memory
+    @classmethod
+    def peak_bytes(cls, hf_config: Any, window: int, *, batch_size: int, seq_len: int, bottleneck: int,
+                   optimizer: str, dtype: str) -> "MemoryEstimate":
+        """Peak memory of one client's training step as the method is deployed."""
+        from ..memory import peak_training_bytes
+        return peak_training_bytes(hf_config, cls.memory_shape, 1, batch_size=batch_size, seq_len=seq_len,
+                                   dtype=dtype, bottleneck=bottleneck, optimizer=optimizer)
