@@ -13,6 +13,10 @@ Every result is a ``DatasetDict`` with ``train`` and ``test`` splits; ``text`` i
 non-empty string and ``label`` a ``ClassLabel`` with ids ``0..K-1`` whose names are
 :func:`label_names`. Files are read through ``datasets.load_dataset("json"/"csv"/...)``
 so the Arrow cache under the asset cache folder makes a second load fast.
+
+:func:`check_dataset` checks a name or path without reading any data (``datasets`` is
+imported only by the functions that read), so a command line can refuse a bad one at once;
+:func:`fingerprint` says what a run record should carry about the data it trained on.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import datasets as hfds
 import numpy as np
 
-from .assets import cache_dir, fetch
+from .assets import cache_dir, fetch, get_asset, sha256_of
+
+if TYPE_CHECKING:  # imported where data is read: checking a name must not pay for it
+    import datasets as hfds
 
 
 class DataError(ValueError):
@@ -157,6 +164,8 @@ SPLITS = ("train", "test")
 
 def label_names(dsd: hfds.DatasetDict | hfds.Dataset) -> list[str]:
     """Class names in id order, read from the ``label`` ClassLabel feature."""
+    import datasets as hfds
+
     ds = dsd["train"] if isinstance(dsd, hfds.DatasetDict) else dsd
     return list(ds.features["label"].names)
 
@@ -201,6 +210,8 @@ def _root_cause(err: BaseException) -> str:
 
 def _read(builder: str, files: list[Path], **kwargs: Any) -> hfds.Dataset:
     """One split from ``files`` via ``datasets.load_dataset``; read errors become DataError naming the file(s)."""
+    import datasets as hfds
+
     where = files[0] if len(files) == 1 else [str(f) for f in files]
     if builder == "csv" and ".tsv" in "".join(files[0].suffixes).lower():
         kwargs.setdefault("sep", "\t")
@@ -211,17 +222,18 @@ def _read(builder: str, files: list[Path], **kwargs: Any) -> hfds.Dataset:
         raise DataError(f"{where}: cannot be read as {builder}: {_root_cause(err)}") from err
 
 
-def _first_csv_line(path: Path) -> str:
+def _first_lines(path: Path, n: int) -> list[str]:
+    """The first ``n`` non-blank lines of a text file (fewer if it has fewer)."""
     opener = COMPRESSIONS.get(path.suffix.lower(), open)
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        return f.readline()
+        return list(itertools.islice((line for line in f if line.strip()), n))
 
 
 def _is_headerless(path: Path, layout: Layout | None) -> bool:
     """A layout's CSV release is headerless when its first field is an integer label (AG News: ``"3","Title",...``)."""
     if layout is None or layout.csv_columns is None or _builder_for(path) != "csv":
         return False
-    first = _first_csv_line(path).split(",", 1)[0].strip().strip('"').strip()
+    first = _first_lines(path, 1)[0].split(",", 1)[0].strip().strip('"').strip()
     return re.fullmatch(r"[+-]?\d+", first) is not None
 
 
@@ -320,6 +332,8 @@ def _label_map(values: dict[str, set], num_classes: int | None, layout: Layout |
 
 def _encode_labels(ds: hfds.Dataset, mapping: dict[int | str, int], names: list[str]) -> hfds.Dataset:
     """Replace raw labels by class ids, typed as a ClassLabel that carries the class names."""
+    import datasets as hfds
+
     features = hfds.Features({"text": hfds.Value("string"), "label": hfds.ClassLabel(names=names)})
     return ds.map(lambda b: {"label": [mapping[_label_key(v)] for v in b["label"]]}, batched=True, features=features)
 
@@ -344,6 +358,17 @@ def _load_packaged(spec: DatasetSpec) -> dict[str, hfds.Dataset]:
     return {"train": _encode_labels(ds, mapping, list(spec.label_names))}
 
 
+def _check_has_rows(path: Path, layout: Layout | None) -> None:
+    """DataError if a text file holds no data rows (empty, or a CSV header alone)."""
+    if _builder_for(path) == "parquet":
+        return
+    lines = _first_lines(path, 2)
+    if not lines:
+        raise DataError(f"{path}: the file is empty")
+    if len(lines) == 1 and _builder_for(path) == "csv" and not _is_headerless(path, layout):
+        raise DataError(f"{path}: only a header line ({lines[0].strip()[:80]}), no examples")
+
+
 def _load_local(path: Path, layout: Layout | None, num_classes: int | None) -> dict[str, hfds.Dataset]:
     """Local files of each split, reduced to text and class ids shared across splits."""
     files = _split_files(path)
@@ -351,6 +376,8 @@ def _load_local(path: Path, layout: Layout | None, num_classes: int | None) -> d
     splits = {}
     for split, fs in files.items():
         builder = _builder_for(fs[0])
+        for f in fs:
+            _check_has_rows(f, layout)
         kwargs: dict[str, Any] = {}
         if _is_headerless(fs[0], layout):
             kwargs = {"column_names": list(layout.csv_columns), "header": None}
@@ -358,7 +385,12 @@ def _load_local(path: Path, layout: Layout | None, num_classes: int | None) -> d
         renames = {c: _normalize_column(c) for c in raw.column_names if _normalize_column(c) != c}
         raw = raw.rename_columns(renames) if renames else raw
         splits[split] = _text_and_raw_label(raw, _columns_examples(raw.column_names, where[split]), where[split])
+        if len(splits[split]) == 0:
+            raise DataError(f"{where[split]}: no example has a non-empty text")
     values = {split: _raw_values(ds, where[split]) for split, ds in splits.items()}
+    if len(values["train"]) < 2:
+        raise DataError(f"{where['train']}: every example has the label {next(iter(values['train']))!r}; "
+                        "a classifier needs examples of at least two classes")
     mapping, names = _label_map(values, num_classes, layout, where)
     return {split: _encode_labels(ds, mapping, names) for split, ds in splits.items()}
 
@@ -424,6 +456,57 @@ def _check_args(test_fraction: float, max_train: int | None, max_test: int | Non
         raise DataError(f"unknown layout {layout!r}; known layouts: {sorted(LAYOUTS)}")
 
 
+def _source(name_or_path: str | Path) -> DatasetSpec | Path:
+    """The packaged dataset called ``name_or_path``, or the existing local file or folder it names."""
+    key = str(name_or_path)
+    if key in DATASETS:
+        return DATASETS[key]
+    path = Path(key).expanduser()
+    if not path.exists():
+        if isinstance(name_or_path, str) and not any(ch in key for ch in "/\\."):
+            raise DataError(f"unknown dataset {key!r}; known datasets: {sorted(DATASETS)} "
+                            "(or give a path to a CSV/JSON/JSONL/Parquet file or folder)")
+        raise DataError(f"{path}: no such file or folder")
+    return path
+
+
+def check_dataset(name_or_path: str | Path) -> None:
+    """DataError unless ``name_or_path`` is a packaged dataset or a local file or folder
+    :func:`load_dataset` can find its splits in. Reads no data and imports no ``datasets``
+    (milliseconds), so a command line checks it before loading anything; what only reading
+    shows (columns, labels, a single class) is reported by :func:`load_dataset`."""
+    source = _source(name_or_path)
+    if isinstance(source, Path):
+        _split_files(source)
+
+
+def fingerprint(dsd: hfds.DatasetDict, source: str | Path) -> dict[str, Any]:
+    """What a run record carries about its data: where it came from, pinned, and what was used.
+
+    ``source`` is the name or path given to :func:`load_dataset` and ``dsd`` the splits it
+    returned (tokenized or not). A packaged dataset is named by its asset's pin (each archive's
+    requirement, with its version, and sha256), local data by the split, size and sha256 of
+    each file read. ``classes`` are the class names in id order, ``counts`` the examples per class of
+    each split of ``dsd``, so subsampling and the train/test split show too::
+
+        {"dataset": "sarcasm", "asset": "sarcasm", "archives": [{"requirement": ..., "sha256": ...}],
+         "classes": ["not_sarcastic", "sarcastic"],
+         "counts": {"train": {"not_sarcastic": 314, "sarcastic": 286}, "test": {...}}}
+    """
+    origin = _source(source)
+    if isinstance(origin, DatasetSpec):
+        pins = [{"requirement": a.requirement, "sha256": a.sha256} for a in get_asset(origin.asset).archives]
+        found: dict[str, Any] = {"asset": origin.asset, "archives": pins}
+    else:
+        files = _split_files(origin)
+        found = {"files": [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_of(f)}
+                           for split in SPLITS for f in files.get(split, [])]}
+    names = label_names(dsd)
+    counts = {split: dict(zip(names, np.bincount(labels_of(ds), minlength=len(names)).tolist()))
+              for split, ds in dsd.items()}
+    return {"dataset": str(source), **found, "classes": names, "counts": counts}
+
+
 def load_dataset(name_or_path: str | Path, *, seed: int = 0, test_fraction: float = 0.2,
                  max_train: int | None = None, max_test: int | None = None,
                  layout: str | None = None, num_classes: int | None = None) -> hfds.DatasetDict:
@@ -436,18 +519,14 @@ def load_dataset(name_or_path: str | Path, *, seed: int = 0, test_fraction: floa
     :data:`LAYOUTS`) supplies class names and reads headerless CSV releases, and
     ``num_classes`` declares K so that out-of-range labels are reported.
     """
+    import datasets as hfds
+
     _check_args(test_fraction, max_train, max_test, layout, num_classes)
-    key = str(name_or_path)
-    if key in DATASETS:
-        splits = _load_packaged(DATASETS[key])
+    source = _source(name_or_path)
+    if isinstance(source, DatasetSpec):
+        splits = _load_packaged(source)
     else:
-        path = Path(key).expanduser()
-        if not path.exists():
-            if isinstance(name_or_path, str) and not any(ch in key for ch in "/\\."):
-                raise DataError(f"unknown dataset {key!r}; known datasets: {sorted(DATASETS)} "
-                                "(or give a path to a CSV/JSON/JSONL/Parquet file or folder)")
-            raise DataError(f"{path}: no such file or folder")
-        splits = _load_local(path, LAYOUTS[layout] if layout else None, num_classes)
+        splits = _load_local(source, LAYOUTS[layout] if layout else None, num_classes)
     if "test" not in splits:
         splits = _split(splits["train"], test_fraction, seed)
     return hfds.DatasetDict({
@@ -488,6 +567,8 @@ def tokenize(dsd: hfds.DatasetDict, tokenizer: Any, max_length: int) -> hfds.Dat
     key = _tokenizer_key(tokenizer, max_length)
     folder = cache_dir() / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
+    import datasets as hfds
+
     out = {}
     for split, ds in dsd.items():
         name = hashlib.sha256(f"{ds._fingerprint}|{key}".encode()).hexdigest()[:24]

