@@ -119,24 +119,25 @@ def chainfed(name: str, **chain: Any) -> Variant:
     return Variant(name, "chainfed", {"chain": chain})
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    Variant("No-FT", "no_ft"),
-    Variant("LP", "linear_probe"),
-    Variant("FFT", "fft"),
-    Variant("Full Adapters", "full_adapters"),
-    Variant("ChainFed", "chainfed"),
-    chainfed("w/o DLCT", window=1),        # the plain chain: one adapter at a time
-    chainfed("w/o GPO", gpo_lambda=0.0),   # local loss only
-    chainfed("w/o FOAT", foat_tau=1.0),    # start the chain at layer 0
-]}
+def _registered_variants() -> dict[str, Variant]:
+    """Every registered method's named settings (``Method.variants``), in registry order."""
+    from .methods import get_method, method_names
+    return {name: Variant(name, m, overrides) for m in method_names()
+            for name, overrides in get_method(m).variants.items()}
+
+
+VARIANTS: dict[str, Variant] = _registered_variants()
 
 
 def variant(v: str | Variant) -> Variant:
+    """A variant by name, looked up in the registry as it is now (methods registered after
+    import count too), or a :class:`Variant` as it is."""
     if isinstance(v, Variant):
         return v
-    if v not in VARIANTS:
-        raise ValueError(f"variant: {v!r} is not one of {list(VARIANTS)} (or pass a Variant)")
-    return VARIANTS[v]
+    variants = _registered_variants()
+    if v not in variants:
+        raise ValueError(f"variant: {v!r} is not one of {list(variants)} (or pass a Variant)")
+    return variants[v]
 
 
 # ---------------------------------------------------------------------- the grid
@@ -178,8 +179,8 @@ def deep_merge(base: dict, *updates: dict) -> dict:
 def num_layers(model_name: str) -> int:
     """Transformer layers of a model asset (``tiny-*`` names read from the name)."""
     if model_name.startswith("tiny"):
-        from .federated import _tiny_spec
-        return _tiny_spec(model_name)["num_layers"]
+        from .task import tiny_spec
+        return tiny_spec(model_name)["num_layers"]
     return int(_hf_config(model_name).num_hidden_layers)
 
 
@@ -216,6 +217,9 @@ def ensure_run(config: RunConfig, root: str | Path, *, runner: Callable | None =
     path = folder / RECORD_FILE
     if path.exists():
         record = json.loads(path.read_text())
+        if record.get("status") == "failed":
+            raise ValueError(f"{path} records a failed run ({record['failures'][-1]['message'] if record.get('failures') else 'every client failed'}); "
+                             "remove the folder to rerun it")
         if record.get("config") == config.to_dict():
             return record
         raise ValueError(f"{path} holds a different config than its hash names; remove the folder to rerun it")
@@ -263,9 +267,9 @@ def summarise(run: Run, record: dict) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def _hf_config(model_name: str, num_labels: int = 2):
     if model_name.startswith("tiny"):
-        from .federated import _tiny_spec
+        from .task import tiny_spec
         from .tiny import tiny_config
-        spec = _tiny_spec(model_name)
+        spec = tiny_spec(model_name)
         return tiny_config(spec["family"], spec["num_layers"], spec["hidden"], num_labels)
     from transformers import AutoConfig
 
@@ -274,18 +278,17 @@ def _hf_config(model_name: str, num_labels: int = 2):
 
 
 def peak_memory_bytes(config: RunConfig, window: int | None = None) -> int:
-    """Peak memory of one client from :func:`chainfed_core.memory.client_peak_bytes`, the
+    """Peak memory of one client (:meth:`chainfed_core.methods.Method.peak_bytes`), the
     estimate the simulator selects clients with (ChainFed streamed; every other method holds
     the whole model). The sequence length is the tokenizer's ``max_length``, an upper bound
     on the padded batches.
     """
-    from . import memory
+    from .methods import get_method
 
     w = min(window or config.chain.window, num_layers(config.model.name))
-    return memory.client_peak_bytes(_hf_config(config.model.name), config.method, w,
-                                    batch_size=config.train.batch_size, seq_len=config.model.max_length,
-                                    bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer,
-                                    dtype=config.model.dtype).total
+    return get_method(config.method).peak_bytes(
+        _hf_config(config.model.name), w, batch_size=config.train.batch_size, seq_len=config.model.max_length,
+        bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer, dtype=config.model.dtype).total
 
 
 def rounds_to_target(curve: list, target: float) -> tuple[float, float]:

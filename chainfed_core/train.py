@@ -1,14 +1,10 @@
 """Local training of one client: the window's adapters (and the head), one explicit loop.
 
 A :class:`TrainPlan` says which layers are frozen (forward only, under ``no_grad``),
-which train, and which are idle (never run). :func:`plan_for` derives it from the method
-and the chain stage, so every baseline runs through the same loop:
-
-    chainfed        frozen [0, p), training [p, p+W), idle [p+W, L), GPO weight lambda
-    full_adapters   every adapter trains, end to end
-    linear_probe    every layer frozen, the head trains
-    no_ft           nothing trains
-    fft             every layer's own weights train (full fine-tuning), end to end
+which train, and which are idle (never run). Each method (``chainfed_core.methods``) says
+what its plan is at round r, so every method that trains by backpropagation runs through
+the same loop, :func:`train_local`; e.g. ChainFed trains [p, p+W) after a frozen [0, p)
+with GPO weight lambda, Full Adapters every adapter end to end, linear probing the head.
 
 Only the tensors a plan trains are exchanged, as a plain ``dict[str, Tensor]`` with keys
 ``adapters.<i>.<param>``, ``head.<module>.<param>`` and (FFT) ``layers.<i>.<param>``.
@@ -28,7 +24,6 @@ from .aggregation import pack
 from .backbone import Backbone, LayerContext
 from .config import TrainConfig
 from .gpo import gpo_loss
-from .schedule import Stage
 
 
 @dataclass(frozen=True)
@@ -43,25 +38,6 @@ class TrainPlan:
     @property
     def trains_anything(self) -> bool:
         return self.train_head or len(self.training) > 0
-
-
-def plan_for(method: str, num_layers: int, stage: Stage | None = None, lam: float = 0.0,
-             train_head: bool = True) -> TrainPlan:
-    """The plan of a method at a chain stage (``stage`` is needed for chainfed only)."""
-    everything, nothing = range(0, num_layers), range(num_layers, num_layers)
-    if method == "chainfed":
-        if stage is None:
-            raise ValueError("chainfed needs the chain stage of the round")
-        return TrainPlan(stage.frozen, stage.training, stage.idle, lam=lam, train_head=train_head)
-    if method == "full_adapters":
-        return TrainPlan(range(0, 0), everything, nothing, train_head=train_head)
-    if method == "fft":
-        return TrainPlan(range(0, 0), everything, nothing, train_head=train_head, train_base=True)
-    if method == "linear_probe":
-        return TrainPlan(everything, nothing, nothing, train_head=train_head)
-    if method == "no_ft":
-        return TrainPlan(everything, nothing, nothing, train_head=False)
-    raise ValueError(f"RunConfig.method: unknown method {method!r}")
 
 
 # ---------------------------------------------------------------------- exchanged tensors

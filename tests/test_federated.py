@@ -14,8 +14,14 @@ import torch
 from datasets import Dataset
 
 from chainfed_core.config import RunConfig
-from chainfed_core.federated import (CHECKPOINT_FILE, METRICS_FILE, device_capacity_gb, injected_failure,
-                                     load_final_state, read_checkpoint, run, sample_clients)
+from chainfed_core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, load_final_state, read_checkpoint
+from chainfed_core.federated import run
+from chainfed_core.methods import get_method
+from chainfed_core.population import LARGEST_DEVICE_GB, device_capacity_gb
+from chainfed_core.rounds import AllClientsFailed
+from chainfed_core.seeding import injected_failure, sample_clients
+from chainfed_core.task import build_task, seq_len
+from chainfed_core.train import evaluate, get_state
 from chainfed_core.partition import client_indices
 from chainfed_core.records import RECORD_FILE, load_records
 
@@ -59,11 +65,15 @@ def test_only_window_tensors_travel_and_bytes_are_counted(tmp_path):
         per_client = 4 * ((end - begin) * adapter + head)
         assert m["bytes_up"] == per_client * len(m["trained"])
         assert m["bytes_down"] == per_client * len(m["clients"])
-    # adapters never in a window keep their seeded initial value and are never sent
+    # start layer 1, W = 2, L = 4: windows [1, 3), [2, 4), [2, 4); adapter 0 never trains, keeps
+    # its seeded initial value and is never sent; every tensor that was in a window moved
     final = load_final_state(tmp_path)
-    start = read_checkpoint(tmp_path / CHECKPOINT_FILE)
-    assert record["history"][0]["bytes_down_context"] == 0
-    assert set(final) == set(start["global"])
+    initial_backbone = build_task(cfg).make_backbone()
+    initial = get_state(initial_backbone, final)
+    assert [m["window"] for m in record["history"]] == [[1, 3], [2, 4], [2, 4]]
+    assert all(m["bytes_down_context"] == 0 for m in record["history"])
+    for name in final:
+        assert torch.equal(final[name], initial[name]) == name.startswith("adapters.0."), name
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
     assert len(lines) == 3 and "test_accuracy" in json.loads(lines[-1])
     frame = load_records(tmp_path)
@@ -102,11 +112,11 @@ def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
 
 def test_failed_checkpoint_write_names_the_round_and_a_restart_resumes(tmp_path, monkeypatch):
     import errno
-    from chainfed_core import federated
+    from chainfed_core import checkpoint
 
     config = RunConfig.from_dict(tiny_config(rounds=4))
     reference = run(config, tmp_path / "ref", progress=False)
-    real_write, writes = federated.atomic_write_bytes, []
+    real_write, writes = checkpoint.atomic_write_bytes, []
 
     def disk_full_after_two(path, data):
         writes.append(path)
@@ -114,7 +124,7 @@ def test_failed_checkpoint_write_names_the_round_and_a_restart_resumes(tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(federated, "atomic_write_bytes", disk_full_after_two)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", disk_full_after_two)
     with pytest.raises(OSError, match=r"checkpoint after round 2 not written .*previous checkpoint is intact"):
         run(config, tmp_path / "full", progress=False)
     assert read_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)["round"] == 2
@@ -140,19 +150,40 @@ def test_injected_failures_are_dropped_and_recorded(tmp_path):
 
 
 def test_no_ft_exchanges_nothing_and_runs(tmp_path):
-    record = run(RunConfig.from_dict({**tiny_config(rounds=2), "method": "no_ft"}), tmp_path, progress=False)
-    assert [m["bytes_up"] for m in record["history"]] == [0, 0]
-    assert 0.0 <= record["final"]["test_accuracy"] <= 1.0
-
-
-def test_round_where_every_client_fails_is_skipped(tmp_path):
-    cfg = RunConfig.from_dict(tiny_config(rounds=2, failure_rate=0.99))
+    cfg = RunConfig.from_dict({**tiny_config(rounds=2), "method": "no_ft"})
     record = run(cfg, tmp_path, progress=False)
+    assert [m["bytes_up"] for m in record["history"]] == [0, 0]
+    task = build_task(cfg)                        # nothing trained: the fresh model's accuracy
+    assert record["final"]["test_accuracy"] == evaluate(task.make_backbone(), task.test)["accuracy"]
+
+
+def test_a_round_where_every_client_fails_stops_the_run_after_its_record(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(rounds=3, failure_rate=0.99))
+    with pytest.raises(AllClientsFailed, match="round 0: every selected client failed"):
+        run(cfg, tmp_path / "one", progress=False)
+    record = json.loads((tmp_path / "one" / RECORD_FILE).read_text())
+    assert record["status"] == "failed" and len(record["history"]) == 1
+    assert len(record["failures"]) == cfg.fed.clients_per_round
+    assert len((tmp_path / "one" / METRICS_FILE).read_text().splitlines()) == 1
+    # fault injection may ask for more all-failed rounds before the run stops
+    record = run(cfg, tmp_path / "more", progress=False, max_failed_rounds=4)
     assert all(m["skipped"] and not m["trained"] for m in record["history"])
-    start = RunConfig.from_dict(tiny_config(rounds=1))
-    assert len(record["failures"]) == 2 * start.fed.clients_per_round
-    timeouts = run(RunConfig.from_dict(tiny_config(rounds=1, client_timeout_s=1e-9)), tmp_path / "t", progress=False)
+    assert len(record["failures"]) == 3 * cfg.fed.clients_per_round and "status" not in record
+    with pytest.raises(AllClientsFailed):
+        run(RunConfig.from_dict(tiny_config(rounds=1, client_timeout_s=1e-9)), tmp_path / "t", progress=False)
+    timeouts = json.loads((tmp_path / "t" / RECORD_FILE).read_text())
     assert {f["kind"] for f in timeouts["failures"]} == {"timeout"} and timeouts["history"][0]["skipped"]
+
+
+def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path):
+    import filelock
+
+    with filelock.FileLock(tmp_path / ".lock"):       # as a run in another process holds it
+        started = time.perf_counter()
+        with pytest.raises(RuntimeError, match="being written by another run"):
+            run(RunConfig.from_dict(tiny_config(rounds=1)), tmp_path, progress=False)
+        assert time.perf_counter() - started < 1.0
+    assert not (tmp_path / METRICS_FILE).exists()
 
 
 def test_memory_aware_sampling_and_window_from_memory(tmp_path):
@@ -163,7 +194,17 @@ def test_memory_aware_sampling_and_window_from_memory(tmp_path):
     assert all(caps[c] >= record["need_gb"] for c in record["history"][0]["clients"])
     cfg = RunConfig.from_dict(tiny_config(memory_aware=True, rounds=1, window_from_memory=True))
     record = run(cfg, tmp_path / "chain", progress=False)
-    assert 1 <= record["window"] <= 4
+    task = build_task(cfg)
+    bb = task.make_backbone()
+
+    def peak(method, w):
+        return get_method(method).peak_bytes(bb.config, w, batch_size=8, seq_len=seq_len(task.train),
+                                             bottleneck=4, optimizer="sgd", dtype="float32").total
+    capacity = caps * peak("full_adapters", 4) / LARGEST_DEVICE_GB
+    smallest = capacity[capacity >= peak("chainfed", 1)].min()
+    expected = max(w for w in range(1, 5) if peak("chainfed", w) <= smallest)
+    assert record["window"] == expected
+    assert record["need_gb"] == peak("chainfed", expected) / (peak("full_adapters", 4) / LARGEST_DEVICE_GB)
 
 
 @pytest.mark.parametrize("change, message", [

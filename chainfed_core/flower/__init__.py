@@ -1,3 +1,3 @@
-"""ChainFed on Flower: the same :class:`chainfed_core.federated.Server` driven by a Flower
-strategy (``strategy``), with thin ServerApp/ClientApp files (``server_app``, ``client_app``).
-The runnable Flower app project lives in ``flower_app/`` at the repository root."""
+"""ChainFed on Flower: the core's rounds (:func:`chainfed_core.rounds.run_rounds`) with Flower
+as their transport (``transport``), and thin ServerApp/ClientApp files (``server_app``,
+``client_app``). The runnable Flower app project lives in ``flower_app/`` at the repository root."""

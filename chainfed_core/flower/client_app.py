@@ -2,7 +2,8 @@
 
 QUERY messages return the node's partition id and device capacity (``info``) or its FOAT
 layer scores (``foat``); TRAIN messages carry the round's window and any tensors the node
-has not seen yet. The node keeps its copy of the global tensors in ``context.state``.
+has not seen yet. The node keeps its copy of the global tensors in ``context.state`` and
+trains with the same :func:`chainfed_core.rounds.client_update` as the simulator.
 """
 
 from __future__ import annotations
@@ -13,47 +14,49 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..config import RunConfig
-from ..federated import (Population, build_task, client_profile, client_update, device_capacity_gb,
-                         exchanged_names)
-from ..schedule import stage_at
-from ..train import get_state, plan_for
-from .strategy import from_record, to_record
+from ..methods import get_method
+from ..population import Population, device_capacity_gb
+from ..rounds import client_profile, client_update
+from ..task import build_task
+from ..train import get_state, set_state
+from .transport import from_record, to_record
 
 app = ClientApp()
 _WORKERS: dict[str, tuple] = {}
 
 
 def _worker(config_json: str, context: Context):
-    """(config, task, backbone, population, client id), built once per process and config."""
+    """(config, task, backbone, method, population, client id), built once per process and config."""
     if config_json not in _WORKERS:
         cfg = RunConfig.from_dict(json.loads(config_json))
         task = build_task(cfg)
-        _WORKERS[config_json] = (cfg, task, task.make_backbone(), Population(cfg, task.train))
-    cfg, task, backbone, pop = _WORKERS[config_json]
+        backbone = task.make_backbone()
+        method = get_method(cfg.method)(cfg, backbone.num_layers, backbone.family)
+        _WORKERS[config_json] = (cfg, task, backbone, method, Population(cfg, task.train))
+    cfg, task, backbone, method, pop = _WORKERS[config_json]
     cid = int(context.node_config["partition-id"])
     num = int(context.node_config.get("num-partitions", cfg.data.num_clients))
     if num != cfg.data.num_clients or not 0 <= cid < num:
         raise ValueError(f"node config partition-id={cid} num-partitions={num} does not match "
                          f"DataConfig.num_clients={cfg.data.num_clients}")
-    return cfg, task, backbone, pop, cid
+    return cfg, task, backbone, method, pop, cid
 
 
-def _local_state(context: Context, backbone, cfg) -> dict:
+def _local_state(context: Context, backbone, method) -> dict:
     if "global" in context.state:
         return from_record(context.state["global"])
-    return get_state(backbone, exchanged_names(backbone, cfg.method))
+    return get_state(backbone, method.exchanged_names(backbone))
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    cfg, task, backbone, pop, cid = _worker(config["run-config"], context)
+    cfg, task, backbone, method, pop, cid = _worker(config["run-config"], context)
     if config["task"] == "info":
         capacity = float(context.node_config.get("memory-gb",
                                                  device_capacity_gb(cfg.seed, [cid], cfg.fed.memory_profile)[0]))
         info = MetricRecord({"partition-id": cid, "capacity-gb": capacity, "num-examples": pop.num_examples(cid)})
         return Message(RecordDict({"info": info}), reply_to=msg)
-    from ..train import set_state
     set_state(backbone, from_record(msg.content["arrays"]))
     scores = client_profile(backbone, cfg, pop.data(cid), task.pad_id)
     foat = MetricRecord({"partition-id": cid, "scores": scores, "num-examples": pop.num_examples(cid)})
@@ -63,14 +66,13 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    cfg, task, backbone, pop, cid = _worker(config["run-config"], context)
+    cfg, task, backbone, method, pop, cid = _worker(config["run-config"], context)
     r = int(config["round"])
-    state = {**_local_state(context, backbone, cfg), **from_record(msg.content["context"]),
+    state = {**_local_state(context, backbone, method), **from_record(msg.content["context"]),
              **from_record(msg.content["window"])}
     context.state["global"] = ArrayRecord(state)
-    stage = stage_at(r, backbone.num_layers, int(config["start-layer"]), int(config["window"]), cfg.chain.passes)
-    plan = plan_for(cfg.method, backbone.num_layers, stage, cfg.chain.resolved_lambda(backbone.family))
-    res = client_update(backbone, cfg, pop.data(cid), plan, state, r, cid, task.pad_id)
-    metrics = MetricRecord({"num-examples": res.num_examples, "loss": res.loss, "steps": res.steps,
-                            "seconds": res.seconds})
+    plan = method.plan(r, int(config["start-layer"]), int(config["window"]))
+    res = client_update(backbone, cfg, method, pop.data(cid), plan, state, r, cid, task.pad_id)
+    metrics = MetricRecord({"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
+                            "steps": res.steps, "seconds": res.seconds})
     return Message(RecordDict({"arrays": to_record(res.state), "metrics": metrics}), reply_to=msg)

@@ -1,23 +1,30 @@
-"""ServerApp: read the RunConfig from the Flower run config, run ChainFed rounds, write a record.
+"""ServerApp: read the RunConfig from the Flower run config, run the rounds, write a record.
 
 Run-config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 ``config-file`` (a RunConfig JSON, optional), ``overrides`` (space-separated
-``section.field=value``), ``out-dir`` (where ``record.json`` and ``final_state.pt`` go).
+``section.field=value``), ``out-dir`` (where ``record.json``, ``metrics.jsonl``, the
+checkpoint and ``final_state.pt`` go).
 """
 
 from __future__ import annotations
 
 import time
+from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from ..federated import config_from_args
-from ..records import RECORD_FILE, atomic_write_json, make_record
-from ..train import evaluate, set_state
-from .strategy import ChainFedStrategy, from_record
+from ..checkpoint import METRICS_FILE, Checkpointer
+from ..cli import config_from_args
+from ..federated import run_record
+from ..records import RECORD_FILE, atomic_write_json
+from ..rounds import evaluator, run_rounds
+from ..server import Server
+from ..task import build_task, seq_len
+from .transport import FlowerClients
 
 app = ServerApp()
 FINAL_STATE_FILE = "final_state.pt"
@@ -28,28 +35,23 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     rc = context.run_config
     config = config_from_args(str(rc["config-file"]) or None, str(rc.get("overrides", "")).split())
-    strategy = ChainFedStrategy(config)
-    strategy.prepare(grid)
-    rounds, every = config.fed.rounds, config.fed.eval_every
-    evaluations: dict[int, dict] = {}
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 or not (server_round % every == 0 or server_round == rounds):
-            return None
-        set_state(strategy.backbone, from_record(arrays))
-        metrics = evaluate(strategy.backbone, strategy.task.test, pad_id=strategy.task.pad_id)
-        evaluations[server_round - 1] = metrics
-        return MetricRecord(metrics)
-
-    strategy.start(grid, strategy.initial_arrays(), num_rounds=rounds,
-                   timeout=config.fed.client_timeout_s or 3600, evaluate_fn=evaluate_fn)
-    for m in strategy.history:
-        m.update({f"test_{k}": v for k, v in evaluations.get(m["round"], {}).items()})
-    out = str(rc.get("out-dir", ""))
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save(strategy.server.state["global"], Path(out) / FINAL_STATE_FILE)
-        atomic_write_json(Path(out) / RECORD_FILE, make_record(
-            config.to_dict(), seed=config.seed, wall_s=time.perf_counter() - started, history=strategy.history,
-            failures=strategy.failures, runtime="flower", start_layer=strategy.server.state["start_layer"],
-            window=strategy.server.window))
+    task = build_task(config)
+    backbone = task.make_backbone()
+    clients = FlowerClients(grid, config)
+    server = clients.server = Server(config, backbone, clients.discover(), seq_len(task.train))
+    out = Path(str(rc.get("out-dir", ""))) if str(rc.get("out-dir", "")) else None
+    checkpoints = Checkpointer(out) if out is not None else None
+    if out is not None:      # a Flower run starts afresh (its nodes' copies do not survive a restart)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    try:
+        run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id), checkpoints=checkpoints,
+                   started=started)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    log(INFO, "ChainFed: start layer %s, window %s, %s eligible clients", server.state["start_layer"],
+        server.window, len(server.eligible))
+    if out is not None:
+        torch.save(server.state["global"], out / FINAL_STATE_FILE)
+        atomic_write_json(out / RECORD_FILE, run_record(config, server, started, runtime="flower"))

@@ -1,0 +1,107 @@
+"""Flower as the transport of :func:`chainfed_core.rounds.run_rounds`.
+
+Node discovery and FOAT go out as QUERY messages, each round's jobs (the window and any
+tensor a node has not seen since its last round) as TRAIN messages; the replies come back as
+the same ``LocalResult`` the in-process simulator produces, so the round, its aggregation,
+its failures and its metrics are the core's, in client-id order: both runtimes give the
+same global adapters for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ..config import RunConfig
+from ..rounds import ClientTimeout, Job
+from ..train import LocalResult, TrainPlan
+
+
+def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+class RemoteError(RuntimeError):
+    """A SuperNode replied with an error."""
+
+
+class FlowerClients:
+    """The clients of a run as Flower SuperNodes on ``grid``. Call :meth:`discover` first."""
+
+    def __init__(self, grid: Grid, config: RunConfig):
+        self.grid, self.config = grid, config
+        self.config_json = json.dumps(config.to_dict())
+        self.node_of: dict[int, int] = {}      # client id (partition-id) -> Flower node id
+        self.server = None                     # the Server whose chain the TRAIN messages carry
+
+    def _send(self, node_ids: Iterable[int], content: list[RecordDict], kind: str,
+              timeout: float | None = None) -> list[Message]:
+        messages = [Message(content=c, dst_node_id=nid, message_type=kind) for nid, c in zip(node_ids, content)]
+        return list(self.grid.send_and_receive(messages, timeout=timeout))
+
+    def _query(self, node_ids: list[int], task: str, state: dict | None = None) -> list[Message]:
+        content = []
+        for _ in node_ids:
+            c = RecordDict({"config": ConfigRecord({"task": task, "run-config": self.config_json})})
+            if state is not None:
+                c["arrays"] = to_record(state)
+            content.append(c)
+        replies = self._send(node_ids, content, MessageType.QUERY)
+        errors = [m.error.reason for m in replies if m.has_error()]
+        if errors:
+            raise RuntimeError(f"{task} query failed on {len(errors)} node(s): {errors[0]}")
+        return replies
+
+    def discover(self, wait_s: float = 120.0) -> np.ndarray:
+        """Wait for the N nodes; read their partition ids; return their capacities (GB) by client id."""
+        n, deadline = self.config.data.num_clients, time.time() + wait_s
+        while len(list(self.grid.get_node_ids())) < n:
+            if time.time() > deadline:
+                raise RuntimeError(f"DataConfig.num_clients: expected {n} SuperNodes, "
+                                   f"{len(list(self.grid.get_node_ids()))} connected")
+            time.sleep(0.5)
+        capacity = np.zeros(n)
+        for m in self._query(list(self.grid.get_node_ids()), "info"):
+            info = m.content["info"]
+            cid = int(info["partition-id"])
+            self.node_of[cid] = m.metadata.src_node_id
+            capacity[cid] = float(info["capacity-gb"])
+        if sorted(self.node_of) != list(range(n)):
+            raise RuntimeError(f"SuperNodes must have partition-id 0..{n - 1}, got {sorted(self.node_of)}")
+        return capacity
+
+    def profile(self, clients: list[int], state: dict) -> list[tuple[list[float], int]]:
+        replies = self._query([self.node_of[c] for c in clients], "foat", state)
+        by_client = {int(m.content["foat"]["partition-id"]): m.content["foat"] for m in replies}
+        return [(list(by_client[c]["scores"]), int(by_client[c]["num-examples"])) for c in clients]
+
+    def train(self, round_index: int, plan: TrainPlan, jobs: list[Job], state: dict):
+        chain = {"start-layer": int(self.server.state["start_layer"]), "window": int(self.server.window)}
+        content = [RecordDict({"window": to_record(j.window), "context": to_record(j.context),
+                               "config": ConfigRecord({"run-config": self.config_json, "round": round_index,
+                                                       "client-id": j.client, **chain})}) for j in jobs]
+        replies = self._send([self.node_of[j.client] for j in jobs], content, MessageType.TRAIN,
+                             timeout=self.config.fed.client_timeout_s or 3600)
+        client_of = {nid: c for c, nid in self.node_of.items()}
+        by_client = {client_of[m.metadata.src_node_id]: m for m in replies}
+        for j in jobs:
+            m = by_client.get(j.client)
+            if m is None:
+                yield j.client, ClientTimeout("no reply in time")
+            elif m.has_error():
+                yield j.client, RemoteError(m.error.reason)
+            else:
+                metrics = m.content["metrics"]
+                yield j.client, LocalResult(from_record(m.content["arrays"]), int(metrics["num-examples"]),
+                                            int(metrics["steps"]), float(metrics["loss"]),
+                                            float(metrics["accuracy"]), float(metrics["seconds"]))

@@ -1,0 +1,150 @@
+"""The server: eligibility, the chain's start layer and window, sampling, downlink, FedAvg.
+
+:class:`Server` holds what a federation keeps between rounds (the global tensors, which
+round each was last updated, when each client last synced) and is checkpointable. The
+in-process simulator, the centralised run and the Flower strategy all drive it through
+:func:`chainfed_core.rounds.run_rounds`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import foat
+from .aggregation import merge, stale_names
+from .backbone import Backbone
+from .checkpoint import read_checkpoint
+from .config import RunConfig
+from .methods import get_method
+from .population import LARGEST_DEVICE_GB
+from .seeding import FOAT, sample_clients
+from .train import get_state, trainable_names
+
+
+class Server:
+    """Schedule, client selection, downlink and aggregation of one run.
+
+    ``capacity_gb[k]`` is client k's device memory. The method's peak memory on a client
+    (:meth:`chainfed_core.methods.Method.peak_bytes`) decides who is eligible; unless
+    ``fed.memory_scale`` is set, capacities are scaled so the largest device (12 GB) just
+    holds end-to-end adapter tuning of this model.
+    """
+
+    def __init__(self, config: RunConfig, backbone: Backbone, capacity_gb: np.ndarray, seq_len: int):
+        self.config = cfg = config
+        self.num_layers = L = backbone.num_layers
+        self.method = get_method(cfg.method)(cfg, L, backbone.family)
+        dtype = str(next(backbone.layers.parameters()).dtype).removeprefix("torch.")
+
+        def peak(name: str, w: int) -> int:
+            return get_method(name).peak_bytes(backbone.config, w, batch_size=cfg.train.batch_size, seq_len=seq_len,
+                                               bottleneck=cfg.adapter.bottleneck, optimizer=cfg.train.optimizer,
+                                               dtype=dtype).total
+        self.bytes_per_gb = cfg.fed.memory_scale or peak("full_adapters", L) / LARGEST_DEVICE_GB
+        capacity = np.asarray(capacity_gb, dtype=np.float64) * self.bytes_per_gb
+        self.window = self.method.choose_window(capacity, lambda w: peak(cfg.method, w))
+        cfg.chain.replace(window=self.window).validate_for(L)
+        self.need_bytes = peak(cfg.method, self.window)
+        self.eligible = self._eligible(capacity)
+        self.state: dict[str, Any] = {
+            "round": 0, "start_layer": self.method.initial_start_layer(), "foat_scores": None,
+            "global": get_state(backbone, self.method.exchanged_names(backbone)),
+            "versions": {}, "last_sync": np.full(len(capacity), -1, dtype=np.int64), "history": [],
+        }
+        self._backbone = backbone
+        self._window: tuple = (None, [], [])
+
+    def _eligible(self, capacity: np.ndarray) -> np.ndarray:
+        cfg, need, per_gb = self.config, self.need_bytes, self.bytes_per_gb
+        fits = capacity >= need
+        if not fits.any():
+            raise ValueError(f"RunConfig.method: no client can fit {cfg.method!r}: it needs {need / per_gb:.2f} "
+                             f"GB-equivalent, the largest device has {capacity.max() / per_gb:.2f} GB")
+        eligible = np.flatnonzero(fits) if cfg.fed.memory_aware else np.arange(len(capacity))
+        if cfg.fed.clients_per_round > len(eligible):
+            raise ValueError(f"FedConfig.clients_per_round: K={cfg.fed.clients_per_round} exceeds the "
+                             f"{len(eligible)} eligible clients (of {len(capacity)}; method {cfg.method!r} "
+                             f"needs {need / per_gb:.2f} GB-equivalent)")
+        return eligible
+
+    # -- FOAT
+    @property
+    def needs_foat(self) -> bool:
+        return self.state["start_layer"] is None
+
+    def foat_clients(self) -> list[int]:
+        k = min(self.config.fed.clients_per_round, len(self.eligible))
+        return sample_clients(self.config.seed, 0, self.eligible, k, tag=FOAT)
+
+    def set_start(self, client_scores: list[list[float]], weights: list[float]) -> int:
+        scores = foat.aggregate_scores(client_scores, weights)
+        tau = self.config.chain.resolved_tau(self._backbone.family)
+        self.state["foat_scores"] = scores.tolist()
+        self.state["start_layer"] = foat.start_layer(scores, tau)
+        return self.state["start_layer"]
+
+    # -- rounds
+    def plan(self, round_index: int):
+        return self.method.plan(round_index, self.state["start_layer"], self.window)
+
+    def round_clients(self, round_index: int) -> list[int]:
+        return sample_clients(self.config.seed, round_index, self.eligible, self.config.fed.clients_per_round)
+
+    def window_names(self, plan) -> list[str]:
+        """Global tensors the plan trains (computed once per plan: every client of a round asks)."""
+        if self._window[0] is not plan:
+            names = [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
+            chosen = set(names)
+            self._window = (plan, names, [n for n in self.state["global"] if n not in chosen])
+        return self._window[1]
+
+    def window_state(self, plan) -> dict[str, torch.Tensor]:
+        g = self.state["global"]
+        return {n: g[n] for n in self.window_names(plan)}
+
+    def downlink(self, round_index: int, client_id: int, plan) -> tuple[dict, dict]:
+        """(window tensors, context tensors the client has not seen since its last round)."""
+        g = self.state["global"]
+        window = self.window_state(plan)          # also caches the names outside the window
+        last_sync = self.state["last_sync"]
+        context = stale_names(self._window[2], self.state["versions"], int(last_sync[client_id]))
+        last_sync[client_id] = round_index
+        return window, {n: g[n] for n in context}
+
+    def aggregate(self, round_index: int, updates: list[tuple[dict, int]]) -> dict:
+        """The method's aggregation of the updates, merged into the global state."""
+        if not updates or not updates[0][0]:
+            return {}
+        avg = self.method.aggregate(updates)
+        self.state["global"] = merge(self.state["global"], avg)
+        for n in avg:
+            self.state["versions"][n] = round_index
+        return avg
+
+    # -- checkpoint
+    def snapshot(self) -> dict:
+        """The checkpoint's content, safe to serialise later: the containers the next rounds
+        change are copied (the tensors are not: the server replaces them, never writes them).
+        The metrics history is left out: it is the append-only ``metrics.jsonl``, whose first
+        ``round`` lines the checkpoint stands for, so a checkpoint costs the same at every round."""
+        st = self.state
+        return {**{k: v for k, v in st.items() if k != "history"}, "global": dict(st["global"]),
+                "versions": dict(st["versions"]), "last_sync": st["last_sync"].copy(),
+                "config": self.config.to_dict(), "window": self.window, "torch_rng": torch.get_rng_state()}
+
+    def restore(self, path: Path, history: list[dict]) -> None:
+        """Continue from the checkpoint at ``path``; ``history``: the metrics of the rounds so
+        far (at least the checkpoint's ``round`` of them; later ones are dropped)."""
+        saved = read_checkpoint(path)
+        if saved.pop("config") != self.config.to_dict():
+            raise ValueError(f"{path} holds a run with a different config; use a fresh out_dir")
+        if len(history) < saved["round"]:
+            raise ValueError(f"{path} is at round {saved['round']} but the metrics record has {len(history)} "
+                             "rounds: it was truncated or edited; use a fresh out_dir")
+        torch.set_rng_state(saved.pop("torch_rng"))
+        saved.pop("window")
+        self.state = {**saved, "history": history[:saved["round"]]}

@@ -1,0 +1,139 @@
+"""The method registry: the built-in methods, and a toy method registered here that runs
+through the simulator and the Flower ServerApp/ClientApp (in process) without touching the core."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+
+from chainfed_core import experiments as ex
+from chainfed_core.aggregation import fedavg
+from chainfed_core.checkpoint import load_final_state
+from chainfed_core.config import RunConfig, _Config, _help
+from chainfed_core.federated import run
+from chainfed_core.methods import Method, get_method, method_names, plan_for, register, unregister
+from chainfed_core.records import RECORD_FILE
+from chainfed_core.task import build_task
+from chainfed_core.train import TrainPlan, get_state
+
+
+# ---------------------------------------------------------------- a toy method, one small class
+@dataclass
+class TopOptions(_Config):
+    top: int = _help("How many of the top layers train their adapters.", 1)
+
+
+class TopAdapters(Method):
+    """Adapters of the top ``top`` layers and the head, averaged without example weights."""
+    name, label, adapters, Options = "toy_top", "Top adapters (toy)", True, TopOptions
+    variants = {"Top adapters": {"method_options": {"top": 2}}}
+
+    def plan(self, round_index, start_layer, window) -> TrainPlan:
+        L, k = self.num_layers, self.options.top
+        return TrainPlan(range(0, L - k), range(L - k, L), range(L, L))
+
+    def widest_plan(self) -> TrainPlan:
+        return self.plan(0, 0, 1)
+
+    def aggregate(self, updates):
+        return fedavg([(state, 1) for state, _ in updates])
+
+
+@pytest.fixture
+def toy():
+    register(TopAdapters)
+    yield TopAdapters
+    unregister(TopAdapters.name)
+
+
+def toy_config(**fed) -> RunConfig:
+    return RunConfig.from_dict({
+        "method": "toy_top", "method_options": {"top": 2}, "seed": 4, "model": {"name": "tiny-bert"},
+        "adapter": {"bottleneck": 4},
+        "data": {"dataset": "synthetic", "num_clients": 3, "max_train_examples": 60, "max_test_examples": 16},
+        "fed": {"rounds": 2, "clients_per_round": 2, "eval_every": 1, "memory_aware": False, **fed}})
+
+
+# ---------------------------------------------------------------- the registry
+def test_builtin_methods_are_registered_once_with_labels():
+    assert method_names() == ["no_ft", "linear_probe", "fft", "full_adapters", "chainfed"]
+    assert [get_method(m).label for m in method_names()] == [
+        "No-FT", "Linear Probing", "FFT", "Full Adapters", "ChainFed"]
+    assert list(ex.VARIANTS) == ["No-FT", "LP", "FFT", "Full Adapters", "ChainFed", "w/o DLCT", "w/o GPO",
+                                 "w/o FOAT"]
+    with pytest.raises(ValueError, match=r"RunConfig.method: 'fedprox' is not one of \['no_ft'"):
+        get_method("fedprox")
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Other", (Method,), {"name": "chainfed", "label": "x"}))
+
+
+def test_plans_of_the_builtin_methods():
+    from chainfed_core.schedule import stage_at
+    assert plan_for("linear_probe", 4) == TrainPlan(range(0, 4), range(4, 4), range(4, 4))
+    assert plan_for("no_ft", 4) == TrainPlan(range(0, 4), range(4, 4), range(4, 4), train_head=False)
+    assert plan_for("fft", 4) == TrainPlan(range(0, 0), range(0, 4), range(4, 4), train_base=True)
+    assert plan_for("full_adapters", 4) == TrainPlan(range(0, 0), range(0, 4), range(4, 4))
+    assert plan_for("chainfed", 4, stage_at(1, 4, 0, 2, 1), 0.2) == TrainPlan(range(0, 1), range(1, 3),
+                                                                               range(3, 4), lam=0.2)
+
+
+def test_a_toy_method_runs_in_the_simulator(toy, tmp_path):
+    cfg = toy_config()
+    assert ex.variant("Top adapters").overrides == {"method_options": {"top": 2}}
+    record = run(cfg, tmp_path, progress=False)
+    hidden, r, labels = 32, 4, 3
+    adapter = 2 * hidden * r + hidden + r
+    head = hidden * hidden + hidden + hidden * labels + labels            # bert.pooler + classifier
+    for m in record["history"]:
+        assert m["window"] == [2, 4]
+        assert m["bytes_up"] == 4 * (2 * adapter + head) * len(m["trained"])
+    final = load_final_state(tmp_path)
+    initial = get_state(build_task(cfg).make_backbone(), final)
+    assert sorted({k.split(".")[1] for k in final if k.startswith("adapters.")}) == ["2", "3"]
+    assert all(not torch.equal(final[k], initial[k]) for k in final)
+
+
+def test_a_toy_method_runs_on_the_flower_apps_like_the_simulator(toy, tmp_path):
+    cfg = toy_config()
+    sim = run(cfg, tmp_path / "sim", progress=False)
+    flower = run_flower_in_process(cfg, tmp_path / "flower")
+    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [set(m) for m in flower["history"]] == [set(m) for m in sim["history"]]     # one metrics schema
+    timing = ("seconds_train", "seconds_round", "seconds_since_start", "seconds_clients")
+    strip = lambda h: [{k: v for k, v in m.items() if k not in timing} for m in h]  # noqa: E731
+    assert strip(flower["history"]) == strip(sim["history"])
+
+
+# ---------------------------------------------------------------- Flower, in this process
+class InProcessGrid:
+    """The part of Flower's ``Grid`` the ServerApp uses, delivering messages straight to the
+    ClientApp of N in-process nodes (each with its own Context, as SuperNodes have)."""
+
+    def __init__(self, num_nodes: int):
+        from chainfed_core.flower.client_app import app
+        self.app = app
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config={},
+                                          node_config={"partition-id": k, "num-partitions": num_nodes})
+                         for k in range(num_nodes)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def run_flower_in_process(cfg: RunConfig, out) -> dict:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from chainfed_core.flower import server_app
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    (out.parent / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={
+        "config-file": str(out.parent / "cfg.json"), "overrides": "", "out-dir": str(out)})
+    server_app.main(InProcessGrid(cfg.data.num_clients), context)
+    return json.loads((out / RECORD_FILE).read_text())
