@@ -22,6 +22,7 @@ imported only by the functions that read), so a command line can refuse a bad on
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -456,6 +457,21 @@ def _check_args(test_fraction: float, max_train: int | None, max_test: int | Non
         raise DataError(f"unknown layout {layout!r}; known layouts: {sorted(LAYOUTS)}")
 
 
+@contextlib.contextmanager
+def _quiet():
+    """datasets' progress bars off while files are read and relabelled: a second or two of bars
+    ("Generating train split", "Map", "Filter") that would bury the line saying what is wrong."""
+    import datasets as hfds
+
+    was_on = not hfds.utils.are_progress_bars_disabled()
+    hfds.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            hfds.enable_progress_bars()
+
+
 def _source(name_or_path: str | Path) -> DatasetSpec | Path:
     """The packaged dataset called ``name_or_path``, or the existing local file or folder it names."""
     key = str(name_or_path)
@@ -523,16 +539,17 @@ def load_dataset(name_or_path: str | Path, *, seed: int = 0, test_fraction: floa
 
     _check_args(test_fraction, max_train, max_test, layout, num_classes)
     source = _source(name_or_path)
-    if isinstance(source, DatasetSpec):
-        splits = _load_packaged(source)
-    else:
-        splits = _load_local(source, LAYOUTS[layout] if layout else None, num_classes)
-    if "test" not in splits:
-        splits = _split(splits["train"], test_fraction, seed)
-    return hfds.DatasetDict({
-        "train": _take(splits["train"], max_train, seed),
-        "test": _take(splits["test"], max_test, seed),
-    })
+    with _quiet():
+        if isinstance(source, DatasetSpec):
+            splits = _load_packaged(source)
+        else:
+            splits = _load_local(source, LAYOUTS[layout] if layout else None, num_classes)
+        if "test" not in splits:
+            splits = _split(splits["train"], test_fraction, seed)
+        return hfds.DatasetDict({
+            "train": _take(splits["train"], max_train, seed),
+            "test": _take(splits["test"], max_test, seed),
+        })
 
 
 # ---------------------------------------------------------------------------------------
