@@ -108,6 +108,10 @@ def check_inputs(config: RunConfig) -> None:
 
 
 # ---------------------------------------------------------------------- --help
+def _is_section(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, _Config)
+
+
 def _shown(value: Any) -> str:
     """A default as it is typed in an override."""
     return value if isinstance(value, str) else json.dumps(value)
@@ -117,7 +121,7 @@ def _field_lines(cls: type, prefix: str, width: int) -> list[str]:
     """``prefix.field=default  help (allowed values or range)`` for each plain field of ``cls``."""
     hints, lines = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
-        if isinstance(hints[f.name], type) and issubclass(hints[f.name], _Config):
+        if _is_section(hints[f.name]):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         allowed = allowed_values(hints[f.name])
@@ -141,7 +145,7 @@ def config_help(width: int = 100) -> str:
              *_field_lines(RunConfig, "", width)]
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        if isinstance(hints[f.name], type) and issubclass(hints[f.name], _Config):
+        if _is_section(hints[f.name]):
             lines += ["", f" {f.name}: {f.metadata['help']}", *_field_lines(hints[f.name], f"{f.name}.", width)]
     return "\n".join(lines)
 
