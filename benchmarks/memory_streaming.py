@@ -32,18 +32,22 @@ from pathlib import Path
 import torch
 
 from chainfed_core.actcache import ActivationCache
+from chainfed_core.bench import SHAPES, random_token_dataset, step_times
 from chainfed_core.config import AdapterConfig, TrainConfig
-from chainfed_core.memory import (SHAPES, measure_rss, metered_training, peak_training_bytes,
-                                  random_token_dataset)
+from chainfed_core.layer_store import LayerStore, write_random_store
+from chainfed_core.memory_meter import metered_training
+from chainfed_core.memory_model import peak_training_bytes
+from chainfed_core.methods import plan_for
+from chainfed_core.model_parts import hf_config
+from chainfed_core.rss import measure_rss
 from chainfed_core.schedule import stage_at
-from chainfed_core.streaming import LayerStore, load_streamed, step_times, write_random_store
-from chainfed_core.train import plan_for, train_local
+from chainfed_core.streaming import load_streamed
+from chainfed_core.train import train_local
+
 
 def _config(shape: dict, **changes):
-    from transformers import AutoConfig
-
-    data = dict(shape, **changes)
-    return AutoConfig.for_model(data.pop("model_type"), **data)
+    """The HF config of a shape, with fields changed."""
+    return hf_config(dict(shape, **changes))
 
 
 def encoder_memory(name: str, folder: Path, windows, batch_size: int, seq_len: int) -> dict:
@@ -92,7 +96,7 @@ def llama_modelled(windows, batch_size: int, seq_len: int) -> dict:
 def llama_streamed_step(store: str, window: int, seq_len: int, prefetch: bool = True) -> dict:
     """One ChainFed step of the LLaMA store, layers streamed, window input from the cache
     (runs in a fresh process under measure_rss)."""
-    from chainfed_core.memory import peak_rss, reset_peak_rss
+    from chainfed_core.rss import peak_rss, reset_peak_rss
 
     sb = load_streamed(store, prefetch=prefetch, compute_dtype=torch.float32)
     L = sb.num_layers

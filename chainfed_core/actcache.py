@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from .backbone import Backbone, LayerContext
-from .memory import tagged
-from .streaming import _atomic_write
+from .memory_meter import tagged
+from .records import atomic_write_bytes
 
 
 @dataclass
@@ -100,7 +100,7 @@ class ActivationCache:
         return sum(e.nbytes for e in self.entries.values() if e.flat is not None)
 
     def tensors(self) -> list[torch.Tensor]:
-        """In-memory entries (for :class:`~chainfed_core.memory.MemoryMeter`'s ``cache`` category)."""
+        """In-memory entries (for :class:`~chainfed_core.memory_meter.MemoryMeter`'s ``cache`` category)."""
         return [e.flat for e in self.entries.values() if e.flat is not None]
 
     def invalidate(self, client: str | None = None) -> None:
@@ -182,7 +182,7 @@ class ActivationCache:
                 self.folder = Path(tempfile.mkdtemp(prefix="chainfed-actcache-"))
             self.folder.mkdir(parents=True, exist_ok=True)
             entry.path = self.folder / f"{hashlib.sha1(client.encode()).hexdigest()[:16]}.bin"
-            _atomic_write(entry.path, flat.cpu().view(torch.uint8).numpy().tobytes())
+            atomic_write_bytes(entry.path, flat.cpu().view(torch.uint8).numpy().tobytes())
             self.stats.disk_entries += 1
         self.entries[client] = entry
         return entry

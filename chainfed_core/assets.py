@@ -24,8 +24,6 @@ code runs on the paper's real checkpoints where a user has them.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -40,6 +38,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+import filelock
 
 log = logging.getLogger(__name__)
 
@@ -419,16 +419,10 @@ def _build(asset: Asset, root: Path) -> None:
         _HASHED[str(final) + key[len(str(out)):]] = _HASHED.pop(key)
 
 
-@contextlib.contextmanager
-def _lock(root: Path, name: str) -> Iterator[None]:
+def _lock(root: Path, name: str) -> filelock.FileLock:
     """Exclusive per-asset lock, so parallel processes (tests, notebooks) build an asset once."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".lock-{name}", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return filelock.FileLock(root / f".lock-{name}")
 
 
 # ---------------------------------------------------------------------------------------

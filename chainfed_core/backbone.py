@@ -109,11 +109,6 @@ class Backbone:
         """Modules trained alongside the adapters (classifier heads; none for an LM head)."""
         return [_attr(self.model, p) for p in self.head_paths if _attr(self.model, p) is not None]
 
-    def head_state(self) -> dict[str, torch.Tensor]:
-        return {f"head.{path}.{name}": p.detach().clone()
-                for path in self.head_paths if _attr(self.model, path) is not None
-                for name, p in _attr(self.model, path).named_parameters()}
-
     def head_parameters(self) -> dict[str, nn.Parameter]:
         return {f"head.{path}.{name}": p
                 for path in self.head_paths if _attr(self.model, path) is not None

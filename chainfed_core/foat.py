@@ -6,21 +6,17 @@ every layer by the linear CKA between the layer's output and the input represent
 (the embedding output). The server averages the scores, weighted by client sample
 counts, and the chain starts at the first layer whose score falls below tau.
 
-Profiling runs block by block (:func:`profile_client`), so only ``block_size`` layers
-need to be resident at once.
+Profiling runs block by block (:func:`profile_client`), so a client streaming its layers
+from a layer store holds only ``block_size`` of them at once.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
 import torch
-
-
-def _centered_gram(x: torch.Tensor) -> torch.Tensor:
-    x = x - x.mean(dim=0, keepdim=True)
-    return x @ x.T
 
 
 def hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -93,9 +89,11 @@ def start_layer(scores: Sequence[float], tau: float) -> int:
 def profile_client(backbone, batch: dict[str, torch.Tensor], block_size: int = 1) -> list[float]:
     """CKA score of every layer's output against the input representation, on one batch.
 
-    Layers run block by block: after each block only the current hidden states and the
-    input token matrix are kept, and the backbone's residency hook is asked for the layers
-    of the block alone, so a streamed model holds ``block_size`` layers at a time.
+    Layers run block by block (Appendix G.3): a backbone streamed from a layer store
+    (:class:`~chainfed_core.streaming.StreamedBackbone`) reads a block of ``block_size``
+    layers, runs it and evicts it before the next, so it holds one block at a time; only
+    the current hidden states and the input token matrix are kept between blocks. An
+    in-memory backbone holds every layer anyway. The scores do not depend on ``block_size``.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -103,7 +101,16 @@ def profile_client(backbone, batch: dict[str, torch.Tensor], block_size: int = 1
     reference = token_matrix(hidden, ctx.attention_mask)   # (n_tokens, H)
     scores = []
     for begin in range(0, backbone.num_layers, block_size):
-        for i in range(begin, min(begin + block_size, backbone.num_layers)):
-            hidden = backbone.run_layer(i, hidden, ctx)
-            scores.append(linear_cka(reference, token_matrix(hidden, ctx.attention_mask)))
+        block = range(begin, min(begin + block_size, backbone.num_layers))
+        with _resident(backbone, block):
+            for i in block:
+                hidden = backbone.run_layer(i, hidden, ctx)
+                scores.append(linear_cka(reference, token_matrix(hidden, ctx.attention_mask)))
     return scores
+
+
+def _resident(backbone, block: range):
+    """The context holding ``block``'s layers: the backbone's ``resident_layers`` where it
+    streams them, else nothing to do."""
+    hold = getattr(backbone, "resident_layers", None)
+    return nullcontext() if hold is None else hold(block)

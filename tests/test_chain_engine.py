@@ -9,8 +9,11 @@ import torch
 from chainfed_core import foat, schedule
 from chainfed_core.config import AdapterConfig, ChainConfig, ModelConfig, RunConfig, TrainConfig
 from chainfed_core.gpo import gpo_loss
+from chainfed_core.layer_store import save_layer_store
 from chainfed_core.tiny import tiny_backbone, tiny_batch, tiny_dataset
-from chainfed_core.train import get_state, named_tensors, plan_for, train_local
+from chainfed_core.methods import plan_for
+from chainfed_core.streaming import load_streamed
+from chainfed_core.train import get_state, named_tensors, train_local
 
 FAMILIES = ["bert", "distilbert", "roberta", "mpnet", "llama"]
 
@@ -188,13 +191,38 @@ def test_score_aggregation_is_weighted_by_sample_counts():
     np.testing.assert_allclose(agg, [0.75, 0.5])
 
 
-def test_profile_client_scores_each_layer_and_blocks_agree():
+def test_profile_client_scores_each_layer_against_the_embeddings():
     bb = tiny_backbone("bert", num_layers=4)
     batch = tiny_batch(6, 10)
-    one = foat.profile_client(bb, batch, block_size=1)
-    two = foat.profile_client(bb, batch, block_size=2)
-    assert len(one) == 4 and one == two
-    assert all(0.0 < s <= 1.0 + 1e-9 for s in one)
+    with torch.no_grad():                       # the HF forward's own hidden states: embeddings, then each layer
+        states = bb.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=True).hidden_states
+    tokens = [foat.token_matrix(h, batch["attention_mask"]) for h in states]
+    expected = [foat.linear_cka(tokens[0], t) for t in tokens[1:]]
+    assert foat.profile_client(bb, batch) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4])
+def test_streamed_profile_holds_one_block_at_a_time_and_scores_exactly(block_size, prefetch, tmp_path):
+    L = 4
+    bb = tiny_backbone("bert", num_layers=L)
+    batch = tiny_batch(6, 10)
+    save_layer_store(bb, tmp_path)
+    sb = load_streamed(tmp_path, prefetch=prefetch)
+    held, ensure = [], sb.streamer.ensure
+
+    def ensure_and_record(index):               # layers resident or being read after each use
+        ensure(index)
+        held.append({k for k in sb.streamer.resident | set(sb.streamer.pending) if k.startswith("layer.")})
+
+    sb.streamer.ensure = ensure_and_record
+    scores = foat.profile_client(sb, batch, block_size)
+    assert scores == foat.profile_client(bb, batch)                   # the all-resident profile, exactly
+    blocks = [{f"layer.{i}" for i in range(b, min(b + block_size, L))} for b in range(0, L, block_size)]
+    assert all(any(layers <= block for block in blocks) for layers in held)
+    assert max(len(layers) for layers in held) == block_size
+    assert sb.streamer.resident == {"head", "rest"}                   # the last block was evicted too
 
 
 # ---------------------------------------------------------------- GPO

@@ -3,12 +3,15 @@
 import pytest
 import torch
 
+from chainfed_core.bench import measure_peak
 from chainfed_core.config import AdapterConfig, TrainConfig
-from chainfed_core.memory import (CATEGORIES, MemoryMeter, client_peak_bytes, measure_peak, measure_rss,
-                                  metered_training, peak_training_bytes, tagged)
+from chainfed_core.memory_meter import CATEGORIES, MemoryMeter, metered_training, tagged
+from chainfed_core.memory_model import client_peak_bytes, peak_training_bytes
+from chainfed_core.methods import plan_for
+from chainfed_core.rss import current_rss, measure_rss
 from chainfed_core.schedule import stage_at
 from chainfed_core.tiny import tiny_backbone, tiny_config, tiny_dataset
-from chainfed_core.train import evaluate, plan_for
+from chainfed_core.train import evaluate
 
 
 def test_meter_counts_exact_bytes_and_frees():
@@ -118,11 +121,16 @@ def test_measured_peak_of_a_shape_agrees_with_the_client_estimate(tmp_path):
 
 
 def test_analytic_model_scales_to_llama_7b_without_memory():
-    llama7b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+    H, I, V, L, heads = 4096, 11008, 32000, 32, 32
+    llama7b = {"model_type": "llama", "hidden_size": H, "intermediate_size": I, "num_hidden_layers": L,
+               "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": V}
     full = peak_training_bytes(llama7b, "full_adapters", 32, 1, 64, dtype="bfloat16")
     chain = peak_training_bytes(llama7b, "chainfed", 2, 1, 64, dtype="bfloat16", streamed=True, cached=True)
-    assert 12.5e9 < full.frozen_weights < 13.6e9                      # 6.74 B parameters in bf16
+    # embeddings and LM head; per layer q, k, v, o, gate, up, down and two RMSNorms; the final norm
+    params = 2 * V * H + L * (4 * H * H + 3 * H * I + 2 * H) + H
+    assert params == 6_738_415_616                                   # LLaMA2-7B's parameter count
+    rotary = 2 * (H // heads // 2)                                   # inv_freq and original_inv_freq buffers
+    assert full.frozen_weights == 2 * (params + rotary)               # every frozen tensor in bf16
     assert full.total > 10 * chain.total
 
 
@@ -136,3 +144,11 @@ def test_measure_rss_sees_a_fresh_process_peak():
     large = measure_rss("tests.test_memory:_allocate", {"mb": 200}, threads=1)
     assert large["result"] == 200 << 20
     assert large["peak_rss"] - small["peak_rss"] > 150 << 20
+    assert 0 < large["baseline_rss"] <= large["peak_rss"]
+
+
+def test_current_rss_sees_a_new_block():
+    before = current_rss()
+    block = torch.ones(64 << 20, dtype=torch.uint8)                  # 64 MiB, every page touched
+    assert current_rss() - before > 48 << 20
+    del block

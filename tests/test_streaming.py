@@ -1,21 +1,22 @@
-"""Layer store, compute-prefetch-evict streaming and the frozen-prefix activation cache."""
+"""Compute-prefetch-evict streaming, the upcast linear and the frozen-prefix activation cache."""
 
-import errno
-import json
 import os
 
 import pytest
 import torch
 
-from chainfed_core import streaming
+from chainfed_core import upcast
 from chainfed_core.actcache import ActivationCache
+from chainfed_core.bench import step_times
 from chainfed_core.config import AdapterConfig, TrainConfig
-from chainfed_core.memory import MemoryMeter
+from chainfed_core.layer_store import save_layer_store, write_random_store
+from chainfed_core.memory_meter import MemoryMeter
+from chainfed_core.methods import plan_for
+from chainfed_core.model_parts import shard_key
 from chainfed_core.schedule import stage_at
-from chainfed_core.streaming import (LayerStore, LayerStoreError, ShardChecksumError, load_streamed,
-                                     save_layer_store, write_random_store)
+from chainfed_core.streaming import load_streamed
 from chainfed_core.tiny import tiny_backbone, tiny_config, tiny_dataset
-from chainfed_core.train import plan_for, set_state, train_local
+from chainfed_core.train import set_state, train_local
 
 L, W = 5, 2
 CFG = TrainConfig(batch_size=4, lr=0.1, local_epochs=1)
@@ -124,7 +125,7 @@ def test_cached_window_stays_resident(tmp_path):
         train_local(sb, data, plan, CFG, seed=0, prefix=prefix)
     assert sb.streamer.loads == W                          # the window is read once for all steps
     assert sb.streamer.max_resident_layers <= W
-    window_bytes = sum(sb.streamer.store.nbytes(streaming.shard_key(i)) for i in plan.training)
+    window_bytes = sum(sb.streamer.store.nbytes(shard_key(i)) for i in plan.training)
     assert meter.report().breakdown["frozen_weights"] == window_bytes
 
 
@@ -153,68 +154,6 @@ def test_mapped_layers_are_not_copied_and_never_write_their_shard(tmp_path):
     assert {key: store.path(key).read_bytes() for key in files} == files
 
 
-def test_corrupted_and_missing_shards_are_named(tmp_path):
-    bb = tiny_backbone("bert", num_layers=3, hidden=32)
-    store = save_layer_store(bb, tmp_path)
-    path = store.path("layer.1")
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(ShardChecksumError, match=r"shard layer\.1 .*corrupted"):
-        LayerStore(tmp_path, verify="always").load("layer.1")
-    with pytest.raises(ShardChecksumError, match=r"shard layer\.1"):
-        LayerStore(tmp_path, verify="once").load("layer.1")   # never verified yet in this process
-    sb = load_streamed(tmp_path)
-    sb.follow(plan_for("full_adapters", 3))
-    with pytest.raises(ShardChecksumError, match=r"layer\.1"):
-        sb.forward(tiny_dataset(2, 6)[:2] | {"input_ids": torch.ones(2, 6, dtype=torch.long),
-                                             "attention_mask": torch.ones(2, 6, dtype=torch.long)})
-    store.path("layer.2").unlink()
-    with pytest.raises(LayerStoreError, match=r"shard layer\.2 missing"):
-        LayerStore(tmp_path).load("layer.2")
-
-
-def test_verify_once_skips_rehashing(tmp_path):
-    store = save_layer_store(tiny_backbone("bert", num_layers=2, hidden=32), tmp_path)
-    first = LayerStore(tmp_path, verify="once")
-    first.load("layer.0")
-    assert first.hash_seconds > 0
-    again = LayerStore(tmp_path, verify="once")
-    again.load("layer.0")
-    assert again.hash_seconds == 0
-    assert store.nbytes("layer.0") == again.read_bytes
-
-
-def test_unwritable_folder_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    with pytest.raises(LayerStoreError, match="not writable"):
-        save_layer_store(tiny_backbone("bert", num_layers=2, hidden=32), blocker / "store")
-
-
-def test_full_disk_keeps_written_shards_and_resumes(tmp_path, monkeypatch):
-    bb = tiny_backbone("bert", num_layers=3, hidden=32)
-    real, calls = streaming._atomic_write, []
-
-    def failing(path, data):
-        calls.append(path.name)
-        if path.name == "layer_001.safetensors" and calls.count(path.name) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(streaming, "_atomic_write", failing)
-    with pytest.raises(LayerStoreError, match=r"shard layer\.1 .*no space left"):
-        save_layer_store(bb, tmp_path)
-    written = json.loads((tmp_path / "manifest.json").read_text())["shards"]
-    assert set(written) == {"embed", "head", "rest", "layer.0"}
-    assert not list(tmp_path.glob(".*.tmp"))
-    before = (tmp_path / "layer_000.safetensors").stat().st_mtime_ns
-    save_layer_store(bb, tmp_path)                       # retry: resumes, keeps what was written
-    assert (tmp_path / "layer_000.safetensors").stat().st_mtime_ns == before
-    assert calls.count("layer_000.safetensors") == 1
-    LayerStore(tmp_path, verify="always")
-
-
 def test_random_bf16_store_with_float32_compute(tmp_path):
     config = tiny_config("llama", num_layers=3, hidden=32)
     write_random_store(config, tmp_path, dtype=torch.bfloat16)
@@ -235,30 +174,22 @@ def test_upcast_linear_in_row_blocks_matches_one_block(monkeypatch):
 
     def run():
         xi = x.clone().requires_grad_(True)
-        y = streaming._UpcastLinear.apply(xi, weight, bias)
+        y = upcast.UpcastLinear.apply(xi, weight, bias)
         y.square().sum().backward()
         return y, xi.grad
 
     ref = run()
-    monkeypatch.setattr(streaming, "UPCAST_CHUNK_BYTES", 10 * 16 * 4)     # blocks of 10 rows: 4 blocks
+    monkeypatch.setattr(upcast, "UPCAST_CHUNK_BYTES", 10 * 16 * 4)     # blocks of 10 rows: 4 blocks
     got = run()
     assert torch.allclose(ref[0], got[0], atol=1e-5) and torch.allclose(ref[1], got[1], atol=1e-4)
     assert torch.allclose(ref[0], x @ weight.float().T + bias.float(), atol=1e-5)
-    assert sum(1 for _ in streaming._row_chunks(weight, torch.float32)) == 4
+    assert sum(1 for _ in upcast.row_chunks(weight, torch.float32)) == 4
 
-
-def test_llama_store_keeps_its_frozen_head_in_the_store_dtype(tmp_path):
-    write_random_store(tiny_config("llama", num_layers=1, hidden=32), tmp_path / "llama", dtype=torch.bfloat16)
-    write_random_store(tiny_config("bert", num_layers=1, hidden=32), tmp_path / "bert", dtype=torch.bfloat16)
-    llama = LayerStore(tmp_path / "llama").load("head")
-    bert = LayerStore(tmp_path / "bert").load("head")
-    assert {t.dtype for t in llama.values()} == {torch.bfloat16}               # norm + LM head, frozen
-    assert {t.dtype for t in bert.values()} == {torch.float32}                 # a classifier trains
 
 
 def test_step_times_times_three_settings_in_turn(tmp_path):
     store = save_layer_store(tiny_backbone("bert", num_layers=3, hidden=32), tmp_path / "store")
-    out = streaming.step_times(store, 1, tiny_dataset(2, 8), repeats=2, local_steps=1)
+    out = step_times(store, 1, tiny_dataset(2, 8), repeats=2, local_steps=1)
     assert {k: len(v) for k, v in out["seconds"].items()} == {"prefetch": 2, "no_prefetch": 2, "in_memory": 2}
     best = {k: min(v) for k, v in out["seconds"].items()}
     assert out["prefetch_over_in_memory"] == best["prefetch"] / best["in_memory"]

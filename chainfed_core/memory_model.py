@@ -1,0 +1,264 @@
+"""The analytic memory model: a client's peak tensor bytes predicted from a model config.
+
+:func:`peak_training_bytes` predicts what :class:`~chainfed_core.memory_meter.MemoryMeter`
+measures, by its categories, for shapes that cannot run here (LLaMA2-7B/13B): the
+weights from the parts' exact element counts (:func:`part_sizes`), the activations from
+what autograd saves per token and layer. :func:`client_peak_bytes` applies it to a
+federated client as deployed (memory-aware selection, result tables).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .backbone import from_model
+from .memory_meter import CATEGORIES
+from .model_parts import build_model, hf_config, part_tensors
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak bytes of adapter training, by the meter's categories."""
+    frozen_weights: int
+    trainable: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    cache: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in CATEGORIES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{c: getattr(self, c) for c in CATEGORIES}, "total": self.total, "notes": self.notes}
+
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# The memory shapes of the methods: what trains and what runs in a step.
+METHODS = ("full_adapters", "chainfed", "fft", "linear_probe", "no_ft")
+
+
+def part_sizes(config_like) -> dict[str, int]:
+    """Parameter (and buffer) element counts of one layer, the embeddings, the head and the rest,
+    counted exactly on a model built on the meta device (no memory, any size)."""
+    config = hf_config(config_like)
+    with torch.device("meta"):
+        model = build_model(config, config.model_type)
+    parts = part_tensors(model, from_model(model, config.model_type))
+    sizes = {key: sum(t.numel() for t in ts.values()) for key, ts in parts.items()}
+    return {"embed": sizes["embed"], "head": sizes["head"], "rest": sizes["rest"],
+            "layer": sizes["layer.0"], "num_layers": sum(k.startswith("layer.") for k in sizes)}
+
+
+def _dims(config) -> dict[str, int]:
+    """Widths the activation counts need: hidden H, intermediate I, heads, KV heads, head dim, vocab V, labels K."""
+    hidden = int(getattr(config, "hidden_size", None) or config.dim)
+    heads = int(getattr(config, "num_attention_heads", None) or config.n_heads)
+    inter = int(getattr(config, "intermediate_size", None) or config.hidden_dim)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    return {"H": hidden, "I": inter, "heads": heads, "kv": kv, "head_dim": head_dim,
+            "V": int(config.vocab_size), "K": int(getattr(config, "num_labels", 2))}
+
+
+def _layer_activation_elements(family: str, d: dict[str, int], seq_len: int, bottleneck: int) -> int:
+    """Elements autograd saves per token for one layer whose input needs a gradient, adapter included.
+
+    Encoders (SDPA): q, k, v, attention output (4H) and log-sum-exp (heads); the inputs of
+    both LayerNorms (2H) with their mean and rstd (4); the GELU input (I); the adapter's
+    input (H) and bottleneck activation (r).
+    MPNet (eager attention): q, k, v (3H), softmax probabilities (heads * T), then as above.
+    LLaMA (SDPA): two RMSNorm inputs (2H) with rstd (2); q (H), k and v (2 * kv * head_dim),
+    log-sum-exp (heads), attention output (H); gate, up and SiLU outputs (3I); adapter (H + r).
+    """
+    H, I, r = d["H"], d["I"], bottleneck
+    if family == "llama":
+        return 5 * H + 2 * d["kv"] * d["head_dim"] + d["heads"] + 3 * I + r + 2
+    if family == "mpnet":
+        return 6 * H + d["heads"] * seq_len + I + r + 4
+    return 7 * H + d["heads"] + I + r + 4
+
+
+def _fft_layer_activation_elements(family: str, d: dict[str, int], seq_len: int) -> int:
+    """Per-token elements saved by one layer whose own weights train (no adapter).
+
+    As :func:`_layer_activation_elements` without the adapter (H + r), plus the inputs the
+    trainable projections keep for their weight gradients that are not saved already: the
+    two normalisation outputs (2H) and the activation output feeding the down projection (I).
+    """
+    return _layer_activation_elements(family, d, seq_len, 0) - d["H"] + 2 * d["H"] + d["I"]
+
+
+def _inference_elements(family: str, d: dict[str, int], seq_len: int) -> int:
+    """Per-token elements alive at the widest point of one layer's forward under ``no_grad``,
+    its input included: the attention block (input, q, k, v, attention output, its reshaped
+    copy and the projection) or the feed-forward block (input, normalised input, the up
+    projection and its activation; LLaMA's gate, up and their product)."""
+    H, I = d["H"], d["I"]
+    if family == "llama":
+        return max(6 * H + 4 * d["kv"] * d["head_dim"], 3 * H + 3 * I)
+    attention = 7 * H + (2 * d["heads"] * seq_len if family == "mpnet" else 0)   # eager scores, probabilities
+    return max(attention, 3 * H + 2 * I)
+
+
+def peak_training_bytes(model_config_like, method: str,
+                        window: int = 1, batch_size: int = 8, seq_len: int = 128, dtype: str = "float32",
+                        compute_dtype: str | None = None, bottleneck: int = 64,
+                        optimizer: Literal["sgd", "adamw"] = "sgd", streamed: bool = False,
+                        cached: bool = False, cache_bytes: int = 0, gpo: bool = True,
+                        window_start: int = 0) -> MemoryEstimate:
+    """Predicted peak tensor bytes of one client's training step (or, for ``no_ft``, inference).
+
+    Args:
+        model_config_like: a HF config or a dict with ``model_type`` and the config's fields
+            (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ...).
+        method: one of :data:`METHODS`: ``"full_adapters"`` (every layer's adapter, end to
+            end), ``"chainfed"`` (a window of ``window`` adapters after a frozen prefix),
+            ``"fft"`` (every layer's own weights train, end to end, no adapters),
+            ``"linear_probe"`` (the head trains on a forward-only pass through every layer)
+            or ``"no_ft"`` (one forward pass of a batch, nothing trains).
+        window: W, the number of adapters trained together (chainfed).
+        batch_size, seq_len: tokens per step are ``batch_size * seq_len``.
+        dtype: storage dtype of the frozen weights (and of FFT's trainable layer weights,
+            their gradients and optimizer state); ``compute_dtype`` that of activations
+            (default: ``dtype``). Adapters and classification heads are float32.
+        bottleneck: adapter size r. optimizer: ``"sgd"`` (momentum: one state tensor per
+            parameter) or ``"adamw"`` (two).
+        streamed: chainfed reads layers from a layer store: only the window, the head and
+            (when the prefix is computed, not cached) the embeddings and one prefetched part
+            are resident; otherwise every weight is. Other methods keep every weight.
+        cached: the window's input comes from the activation cache (no prefix forward);
+            ``cache_bytes`` is the part of the cache held in memory (chainfed only).
+        gpo: chainfed's global branch runs the later adapters and the head a second time.
+        window_start: first layer of the window; the default 0 leaves the most later
+            adapters to GPO's global branch (the largest chainfed peak).
+
+    The first trained layer of the adapter methods saves only its adapter's activations
+    because its input needs no gradient; under FFT every layer saves its inputs for its
+    weight gradients. A causal LM's head (final norm and LM head) is frozen, so linear
+    probing a LLaMA trains nothing and its peak is the weights. The gradients of a step are
+    freed only after the next step's forward, so gradients, optimizer state and activations
+    are live together. The model covers tensor bytes, as
+    :class:`~chainfed_core.memory_meter.MemoryMeter` counts them; the process adds the runtime
+    and allocator slack (:func:`~chainfed_core.rss.measure_rss`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {list(METHODS)}")
+    if (streamed or cached) and method != "chainfed":
+        raise ValueError(f"streamed/cached: only 'chainfed' streams layers or caches its prefix, not {method!r}")
+    config = hf_config(model_config_like)
+    family = config.model_type
+    sizes = part_sizes(config)
+    d = _dims(config)
+    L = sizes["num_layers"]
+    if not 1 <= window <= L:
+        raise ValueError(f"window: W={window} must lie in 1..{L}")
+    cb = _BYTES[compute_dtype or dtype]
+    weights = _weight_bytes(method, family, sizes, d["H"], window, _BYTES[dtype], bottleneck, optimizer,
+                            streamed, cached)
+    if method in ("no_ft", "linear_probe"):
+        acts = _inference_activation_bytes(method, family, d, batch_size, seq_len, cb)
+    else:
+        acts = _training_activation_bytes(method, family, d, L, window, window_start, batch_size, seq_len,
+                                          bottleneck, cb, gpo)
+    return MemoryEstimate(**weights, activations=int(acts), cache=int(cache_bytes if cached else 0),
+                          notes={"family": family, "num_layers": L, "window": window, "method": method,
+                                 "streamed": streamed, "cached": cached, "batch_size": batch_size,
+                                 "seq_len": seq_len, "dtype": dtype, "compute_dtype": compute_dtype or dtype})
+
+
+def _head_trains(method: str, family: str) -> bool:
+    """A classification head is float32 and trains (frozen under no_ft); an LM head is frozen."""
+    return family != "llama" and method != "no_ft"
+
+
+def _weight_bytes(method: str, family: str, sizes: dict[str, int], H: int, window: int, wb: int, r: int,
+                  optimizer: str, streamed: bool, cached: bool) -> dict[str, int]:
+    """Frozen and trainable weights, gradients and optimizer state (``wb``: bytes per frozen weight)."""
+    causal = family == "llama"
+    head_trains = _head_trains(method, family)
+    L = sizes["num_layers"]
+    if method == "chainfed" and streamed:
+        prefetch = 0 if cached else sizes["embed"]      # next step's first part, read during the window
+        frozen = (sizes["rest"] + window * sizes["layer"] + prefetch) * wb
+    else:
+        frozen = (sizes["embed"] + sizes["rest"] + L * sizes["layer"]) * wb
+    frozen += 0 if head_trains else sizes["head"] * (wb if causal else 4)
+    adapter_params = 2 * H * r + H + r if method in ("full_adapters", "chainfed") else 0
+    head_trainable = sizes["head"] * 4 if head_trains else 0
+    trainable = L * adapter_params * 4 + head_trainable
+    if method == "fft":                                  # the layers' own weights move to trainable
+        frozen -= L * sizes["layer"] * wb
+        trainable += L * sizes["layer"] * wb
+    trained_adapters = {"full_adapters": L, "chainfed": window}.get(method, 0)
+    grads = trained_adapters * adapter_params * 4 + head_trainable
+    grads += L * sizes["layer"] * wb if method == "fft" else 0
+    opt = grads * (2 if optimizer == "adamw" else 1)
+    return {"frozen_weights": int(frozen), "trainable": int(trainable), "gradients": int(grads),
+            "optimizer_state": int(opt)}
+
+
+def _mask_bytes(family: str, d: dict[str, int], B: int, T: int, cb: int) -> int:
+    """The attention mask (B, 1, T, T), shared by the layers, and MPNet's relative position bias."""
+    bias = B * d["heads"] * T * T * cb if family == "mpnet" else 0
+    return B * T * T * cb + bias
+
+
+def _inference_activation_bytes(method: str, family: str, d: dict[str, int], B: int, T: int, cb: int) -> int:
+    """Activations of a forward-only step (no_ft, linear_probe) in compute-dtype bytes ``cb``."""
+    if not (_head_trains(method, family) or method == "no_ft"):
+        return 0                                         # a causal LM's linear probe never runs a step
+    H = d["H"]
+    acts = B * T * _inference_elements(family, d, T) * cb + _mask_bytes(family, d, B, T, cb)
+    acts += B * T * d["V"] * (cb + 4) if family == "llama" else B * H * 4 * 4   # logits and log-softmax; pooled
+    if method == "linear_probe":
+        acts += B * T * H * cb                           # the last step's output, held until the next prefix returns
+    return acts
+
+
+def _training_activation_bytes(method: str, family: str, d: dict[str, int], L: int, window: int,
+                               window_start: int, B: int, T: int, r: int, cb: int, gpo: bool) -> int:
+    """Activations of a training step (fft, full_adapters, chainfed) in compute-dtype bytes ``cb``."""
+    H = d["H"]
+    if method == "fft":
+        saved = L * _fft_layer_activation_elements(family, d, T)
+    else:
+        per_token = _layer_activation_elements(family, d, T, r)
+        trained = L if method == "full_adapters" else window
+        saved = (trained - 1) * per_token + (H + r)        # first trained layer: its adapter only
+    subsequent = 0 if method != "chainfed" or not gpo else max(L - window_start - window, 0)
+    saved += subsequent * r                                  # global branch through later frozen adapters
+    acts = B * T * saved * cb + _mask_bytes(family, d, B, T, cb)
+    if family == "llama":
+        branches = 2 if subsequent else 1
+        acts += B * T * (H + 1) * 4 * branches               # final RMSNorm input and rstd
+        acts += B * T * d["V"] * (cb + 4 * branches)         # logits, and the log-softmax of each branch
+        acts += 2 * T * d["head_dim"] * cb                   # rotary cos / sin
+    else:
+        acts += B * H * 4 * 4                                # pooled features and their gradients
+    acts += B * T * H * cb * 2                               # window input and the layer output in flight
+    acts += B * T * (d["I"] + 3 * H) * cb                    # one layer's backward working set
+    return acts
+
+
+def client_peak_bytes(model_config_like, method: str, window: int = 1, *, batch_size: int, seq_len: int,
+                      bottleneck: int = 64, optimizer: Literal["sgd", "adamw"] = "sgd",
+                      dtype: str = "float32") -> MemoryEstimate:
+    """Peak memory of one federated client running ``method`` as the method is deployed.
+
+    The one estimate behind memory-aware client selection, ``fed.window_from_memory`` and
+    the peak memory column of the result tables. ChainFed clients are taken to stream their
+    layers from a layer store (``streamed=True``, prefix recomputed, not cached): the
+    paper's memory claim is for such clients, so eligibility reflects ChainFed as deployed
+    even though the in-process simulator keeps every layer in memory. Every other method
+    holds the whole model.
+    """
+    return peak_training_bytes(model_config_like, method, window if method == "chainfed" else 1,
+                               batch_size=batch_size, seq_len=seq_len, dtype=dtype, bottleneck=bottleneck,
+                               optimizer=optimizer, streamed=method == "chainfed")
