@@ -128,10 +128,12 @@ def merge(global_state: dict[str, torch.Tensor], update: Mapping[str, torch.Tens
 
 
 def stale_names(names: Iterable[str], versions: Mapping[str, int], last_sync: int) -> list[str]:
-    """Tensors a client must be sent besides the window: those updated after its last sync.
+    """Tensors a client must be sent besides the window: those updated since its last sync.
 
-    ``versions[name]`` is the round that last changed a tensor (-1: its seeded initial
-    value, which every client rebuilds locally); ``last_sync`` the round at which the
-    client last received the global state (-1: never).
+    ``versions[name]`` is the round whose aggregation last changed a tensor (-1: its seeded
+    initial value, which every client rebuilds locally); ``last_sync`` the round at which the
+    client last received the global state (-1: never). A client synced at round s got the
+    state *before* round s was aggregated, so it lacks every tensor of version >= s.
     """
-    return [n for n in names if versions.get(n, -1) > last_sync]
+    since = max(last_sync, 0)
+    return [n for n in names if versions.get(n, -1) >= since]

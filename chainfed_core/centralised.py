@@ -19,7 +19,8 @@ from .config import RunConfig
 from .rounds import Job, client_profile, run_rounds
 from .server import Server
 from .task import seq_len
-from .train import TrainPlan, evaluate, set_state
+from .schedule import TrainPlan
+from .train import evaluate, set_state
 
 
 class OneClient:

@@ -21,11 +21,10 @@ from typing import Any
 
 from .assets import ASSETS, AssetError
 from .config import RunConfig, _Config, allowed_values, bounds_text
-from .data import check_dataset
+from .data import SYNTHETIC, check_dataset
 from .records import RECORD_FILE
 
 PROG = "python -m chainfed_core"
-SYNTHETIC = "synthetic"  # the toy data set chainfed_core.task makes in memory: no file to check
 USER_ERROR, RUN_FAILED = 2, 1
 
 
@@ -213,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: RunConfig, out: Path, *, progress: bool, debug: bool) -> int:
-    from .federated import run  # after the checks: this loads torch and transformers
+    from .federated import RunFolderLocked, run  # after the checks: this loads torch and transformers
     from .rounds import AllClientsFailed
 
     try:
         record = run(config, out, progress=progress)
+    except RunFolderLocked as err:
+        if debug:
+            raise
+        return _error(str(err), USER_ERROR)
     except AllClientsFailed as err:
         if debug:
             raise

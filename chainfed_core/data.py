@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # imported where data is read: checking a name must not pay f
     import datasets as hfds
 
 
+SYNTHETIC = "synthetic"   # the toy task chainfed_core.task makes in memory (no file)
+
 class DataError(ValueError):
     """A dataset name, file, column or label value is not usable; the message says which."""
 

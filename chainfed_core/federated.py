@@ -33,9 +33,14 @@ from .records import RECORD_FILE, atomic_write_json, make_record
 from .rounds import AllClientsFailed, Job, client_profile, client_update, evaluator, run_rounds
 from .server import Server
 from .task import Task, build_task, seq_len
-from .train import TrainPlan, set_state, tensors_by_name
+from .schedule import TrainPlan
+from .train import set_state, tensors_by_name
 
 LOCK_FILE = ".lock"
+
+
+class RunFolderLocked(RuntimeError):
+    """Another run is writing the output folder."""
 
 
 class LocalClients:
@@ -110,7 +115,7 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        raise RuntimeError(f"{out} is being written by another run (lock {out / LOCK_FILE}); "
+        raise RunFolderLocked(f"{out} is being written by another run (lock {out / LOCK_FILE}); "
                            "wait for it or use another --out") from None
     try:
         return _run_locked(config, out, progress, task, max_failed_rounds, started)
@@ -140,7 +145,8 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
         gc.unfreeze()
         checkpoints.close()
         if status == "failed" or server.state["round"] >= cfg.fed.rounds:
-            record = run_record(cfg, server, started, **({"status": status} if status != "complete" else {}))
+            record = run_record(cfg, server, started, data=task.data,
+                                **({"status": status} if status != "complete" else {}))
             atomic_write_json(out / RECORD_FILE, record)
     return record
 

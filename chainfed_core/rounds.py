@@ -31,7 +31,8 @@ from .backbone import Backbone
 from .config import RunConfig
 from .seeding import client_seed, injected_failure, seed_generators
 from .server import Server
-from .train import LocalResult, TrainPlan, batches, set_state, tensors_by_name
+from .schedule import TrainPlan
+from .train import LocalResult, batches, set_state, tensors_by_name
 from .train import evaluate as evaluate_model
 
 

@@ -75,3 +75,21 @@ def _check(num_layers: int, start_layer: int, window: int, passes: int) -> None:
         raise ValueError(f"window W={window} must lie in 1..{num_layers}")
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What one client's step does with each layer: ``frozen`` layers run forward only,
+    ``training`` layers train (their adapters, or with ``train_base`` their own weights),
+    ``idle`` layers are not run (GPO's global branch passes through their adapters with
+    weight ``lam``). Each method says its plan at round r (``chainfed_core.methods``)."""
+    frozen: range
+    training: range
+    idle: range
+    lam: float = 0.0
+    train_head: bool = True
+    train_base: bool = False
+
+    @property
+    def trains_anything(self) -> bool:
+        return self.train_head or len(self.training) > 0

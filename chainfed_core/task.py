@@ -7,12 +7,13 @@ CPU-sized toy task used by tests and quick runs; anything else goes through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from . import data
 from .backbone import Backbone
 from .config import RunConfig
 from .methods import get_method
@@ -26,6 +27,7 @@ class Task:
     test: Any
     num_labels: int
     pad_id: int = 0
+    data: dict = field(default_factory=dict)   # provenance for the record (``data.fingerprint``)
 
 
 def synthetic_dataset(n: int, num_labels: int = 3, seq_len: int = 12, seed: int = 0):
@@ -61,29 +63,35 @@ def seq_len(dataset) -> int:
 
 
 def _splits(cfg: RunConfig):
-    """(train, test, num_labels, pad_id) of the config's data set, tokenized."""
-    if cfg.data.dataset == "synthetic":
+    """(train, test, num_labels, pad_id, provenance) of the config's data set, tokenized."""
+    if cfg.data.dataset == data.SYNTHETIC:
         num_labels = 3
         train = synthetic_dataset(cfg.data.max_train_examples or 512, num_labels, seed=cfg.seed)
         test = synthetic_dataset(cfg.data.max_test_examples or 128, num_labels, seed=cfg.seed + 10 ** 6)
-        return train, test, num_labels, 0
+        counts = {split: dict(zip(map(str, range(num_labels)),
+                                  np.bincount(ds["label"], minlength=num_labels).tolist()))
+                  for split, ds in (("train", train), ("test", test))}
+        provenance = {"dataset": data.SYNTHETIC, "generator": "chainfed_core.task.synthetic_dataset",
+                      "classes": [str(k) for k in range(num_labels)], "counts": counts}
+        return train, test, num_labels, 0, provenance
     from transformers import AutoTokenizer
 
-    from . import data
     from .assets import model_path
 
     splits = data.load_dataset(cfg.data.dataset, seed=cfg.seed, test_fraction=cfg.data.test_fraction,
                                max_train=cfg.data.max_train_examples, max_test=cfg.data.max_test_examples)
     tokenizer = AutoTokenizer.from_pretrained(model_path(cfg.model.name))
+    provenance = data.fingerprint(splits, cfg.data.dataset)
     splits = data.tokenize(splits, tokenizer, cfg.model.max_length)
-    return splits["train"], splits["test"], len(data.label_names(splits)), tokenizer.pad_token_id or 0
+    return (splits["train"], splits["test"], len(data.label_names(splits)), tokenizer.pad_token_id or 0,
+            provenance)
 
 
 def build_task(config: RunConfig) -> Task:
     """Model factory and tokenized train/test splits for ``config``."""
     cfg = config
     method = get_method(cfg.method)
-    train, test, num_labels, pad_id = _splits(cfg)
+    train, test, num_labels, pad_id, provenance = _splits(cfg)
 
     def make_backbone() -> Backbone:
         torch.manual_seed(cfg.seed)
@@ -96,4 +104,4 @@ def build_task(config: RunConfig) -> Task:
         method(cfg, bb.num_layers, bb.family).prepare(bb)
         return bb
 
-    return Task(make_backbone, train, test, num_labels, pad_id)
+    return Task(make_backbone, train, test, num_labels, pad_id, provenance)

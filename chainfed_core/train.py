@@ -24,20 +24,7 @@ from .aggregation import pack
 from .backbone import Backbone, LayerContext
 from .config import TrainConfig
 from .gpo import gpo_loss
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    frozen: range
-    training: range
-    idle: range
-    lam: float = 0.0
-    train_head: bool = True
-    train_base: bool = False
-
-    @property
-    def trains_anything(self) -> bool:
-        return self.train_head or len(self.training) > 0
+from .schedule import TrainPlan
 
 
 # ---------------------------------------------------------------------- exchanged tensors

@@ -65,7 +65,8 @@ def test_state_bytes_merge_and_stale_names():
         merge(state, {"c": torch.ones(1)})
     versions = {"a": 3, "b": -1, "c": 5}
     assert stale_names(["a", "b", "c"], versions, last_sync=-1) == ["a", "c"]
-    assert stale_names(["a", "b", "c"], versions, last_sync=3) == ["c"]
+    assert stale_names(["a", "b", "c"], versions, last_sync=3) == ["a", "c"]    # got round 3's state before its update
+    assert stale_names(["a", "b", "c"], versions, last_sync=4) == ["c"]
 
 
 def test_pack_copies_into_one_buffer_read_only_and_pickles_once():

@@ -71,7 +71,17 @@ def test_only_window_tensors_travel_and_bytes_are_counted(tmp_path):
     initial_backbone = build_task(cfg).make_backbone()
     initial = get_state(initial_backbone, final)
     assert [m["window"] for m in record["history"]] == [[1, 3], [2, 4], [2, 4]]
-    assert all(m["bytes_down_context"] == 0 for m in record["history"])
+    # context: the adapters outside the window changed since the client last received the state
+    # (a client synced at round s got it before round s was aggregated)
+    version, synced = {k: -1 for k in range(4)}, {}
+    for m in record["history"]:
+        begin, end = m["window"]
+        stale = [sum(1 for k in range(4) if not begin <= k < end and version[k] >= max(synced.get(c, -1), 0))
+                 for c in m["clients"]]
+        assert m["bytes_down_context"] == 4 * adapter * sum(stale)
+        synced.update({c: m["round"] for c in m["clients"]})
+        version.update({k: m["round"] for k in range(begin, end)})
+    assert record["history"][1]["bytes_down_context"] > 0
     for name in final:
         assert torch.equal(final[name], initial[name]) == name.startswith("adapters.0."), name
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
@@ -230,3 +240,13 @@ def test_resume_refuses_a_different_config(tmp_path):
     metrics.write_text("")                              # the record the checkpoint stands for, lost
     with pytest.raises(ValueError, match="at round 1 but the metrics record has 0 rounds"):
         run(RunConfig.from_dict(tiny_config(rounds=1)), tmp_path, progress=False)
+
+
+def test_record_carries_the_data_provenance(tmp_path):
+    record = run(RunConfig.from_dict(tiny_config(rounds=1)), tmp_path, progress=False)
+    task = build_task(RunConfig.from_dict(tiny_config(rounds=1)))
+    labels = {split: np.bincount(ds["label"], minlength=3).tolist() for split, ds in
+              (("train", task.train), ("test", task.test))}
+    assert record["data"]["classes"] == ["0", "1", "2"]
+    assert {s: list(c.values()) for s, c in record["data"]["counts"].items()} == labels
+    assert sum(labels["train"]) == 200 and sum(labels["test"]) == 32

@@ -54,4 +54,4 @@ def main(grid: Grid, context: Context) -> None:
         server.window, len(server.eligible))
     if out is not None:
         torch.save(server.state["global"], out / FINAL_STATE_FILE)
-        atomic_write_json(out / RECORD_FILE, run_record(config, server, started, runtime="flower"))
+        atomic_write_json(out / RECORD_FILE, run_record(config, server, started, data=task.data, runtime="flower"))

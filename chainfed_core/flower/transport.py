@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 
 from ..config import RunConfig
 from ..rounds import ClientTimeout, Job
-from ..train import LocalResult, TrainPlan
+from ..schedule import TrainPlan
+from ..train import LocalResult
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from ..schedule import TrainPlan
 
-from ..aggregation import fedavg
-from ..train import LocalResult, TrainPlan, train_local, trainable_names
+if TYPE_CHECKING:     # the registry itself imports no torch: a command line checks names in milliseconds
+    import torch
 
-if TYPE_CHECKING:
     from ..backbone import Backbone
+    from ..train import LocalResult
     from ..config import RunConfig
-    from ..memory import MemoryEstimate
+    from ..memory_model import MemoryEstimate
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -65,20 +65,16 @@ def plan_for(method: str, num_layers: int, stage=None, lam: float = 0.0, train_h
     return get_method(method).plan_at(num_layers, stage, lam, train_head)
 
 
-def everything(num_layers: int) -> range:
-    return range(0, num_layers)
-
-
-def nothing(num_layers: int) -> range:
-    return range(num_layers, num_layers)
-
-
 class Method:
     """Base class: a method that trains a fixed plan every round and averages it by FedAvg."""
 
     name: ClassVar[str]                      # the registry key, ``RunConfig.method``
     label: ClassVar[str]                     # how tables and figures name it
     adapters: ClassVar[bool] = False         # bottleneck adapters injected into every layer
+    # What a fixed-plan method trains in every layer: "nothing" (forward only), "adapters" or
+    # "weights" (the layers' own); ``trains_head``: whether the head trains too.
+    trains: ClassVar[str] = "adapters"
+    trains_head: ClassVar[bool] = True
     uses_chain: ClassVar[bool] = False       # reads RunConfig.chain (window, FOAT, GPO)
     Options: ClassVar[type | None] = None    # a config section of its own (``RunConfig.method_options``)
     memory_shape: ClassVar[str] = "full_adapters"   # the analytic model's name for its training step
@@ -96,8 +92,11 @@ class Method:
     @classmethod
     def plan_at(cls, num_layers: int, stage=None, lam: float = 0.0, train_head: bool = True) -> TrainPlan:
         """Frozen / training / idle layers; a pure function of the model's depth (and, for
-        chain methods, the stage)."""
-        raise NotImplementedError
+        chain methods, the stage). The default is the fixed plan that :attr:`trains` names."""
+        L, head = num_layers, train_head and cls.trains_head
+        if cls.trains == "nothing":
+            return TrainPlan(range(0, L), range(L, L), range(L, L), train_head=head)
+        return TrainPlan(range(0, 0), range(0, L), range(L, L), train_head=head, train_base=cls.trains == "weights")
 
     def plan(self, round_index: int, start_layer: int, window: int) -> TrainPlan:
         """The plan of round ``round_index`` (``start_layer``, ``window``: the server's chain)."""
@@ -110,12 +109,15 @@ class Method:
     # -- the model
     def prepare(self, backbone: "Backbone") -> None:
         """Add what the method trains to a freshly built, seeded backbone."""
+        import torch
+
         if self.adapters:
             torch.manual_seed(self.config.seed)
             backbone.add_adapters(self.config.adapter)
 
     def exchanged_names(self, backbone: "Backbone") -> list[str]:
         """Every tensor the method can train at some round: the global state the server keeps."""
+        from ..train import trainable_names
         return trainable_names(backbone, self.widest_plan())
 
     # -- the chain (ChainFed overrides these)
@@ -129,12 +131,14 @@ class Method:
 
     # -- one client, the server
     def client_update(self, backbone: "Backbone", dataset, plan: TrainPlan, *, seed: int,
-                      pad_id: int = 0) -> LocalResult:
+                      pad_id: int = 0) -> "LocalResult":
         """Train the plan's tensors on one client's data (the shared explicit loop)."""
+        from ..train import train_local
         return train_local(backbone, dataset, plan, self.config.train, seed=seed, pad_id=pad_id)
 
-    def aggregate(self, updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    def aggregate(self, updates: list[tuple[dict[str, "torch.Tensor"], int]]) -> dict[str, "torch.Tensor"]:
         """The new global values of the updated tensors (FedAvg weighted by examples)."""
+        from ..aggregation import fedavg
         return fedavg(updates)
 
     # -- memory
@@ -142,6 +146,6 @@ class Method:
     def peak_bytes(cls, hf_config: Any, window: int, *, batch_size: int, seq_len: int, bottleneck: int,
                    optimizer: str, dtype: str) -> "MemoryEstimate":
         """Peak memory of one client's training step as the method is deployed."""
-        from ..memory import peak_training_bytes
+        from ..memory_model import peak_training_bytes
         return peak_training_bytes(hf_config, cls.memory_shape, 1, batch_size=batch_size, seq_len=seq_len,
                                    dtype=dtype, bottleneck=bottleneck, optimizer=optimizer)

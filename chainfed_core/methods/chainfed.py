@@ -18,11 +18,8 @@ head and one prefetched part resident), as the method is deployed.
 
 from __future__ import annotations
 
-import numpy as np
-
 from .base import Method, register
-from ..schedule import stage_at
-from ..train import TrainPlan
+from ..schedule import TrainPlan, stage_at
 
 
 @register
@@ -61,12 +58,12 @@ class ChainFed(Method):
         if self.config.fed.window_from_memory:
             fits_one = capacities[capacities >= peak(1)]
             if len(fits_one):
-                smallest = np.min(fits_one)
+                smallest = fits_one.min()
                 window = max(w for w in range(1, self.num_layers + 1) if w == 1 or peak(w) <= smallest)
         return window
 
     @classmethod
     def peak_bytes(cls, hf_config, window, *, batch_size, seq_len, bottleneck, optimizer, dtype):
-        from ..memory import peak_training_bytes
+        from ..memory_model import peak_training_bytes
         return peak_training_bytes(hf_config, "chainfed", window, batch_size=batch_size, seq_len=seq_len,
                                    dtype=dtype, bottleneck=bottleneck, optimizer=optimizer, streamed=True)

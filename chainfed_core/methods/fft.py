@@ -1,22 +1,16 @@
 """Full fine-tuning (FFT): every layer's own weights train, end to end, no adapters.
 
-The reference of the paper's Figure 8; it exchanges every layer and the head.
+The reference of the paper's Figure 8. It exchanges every layer and the head, so it is the
+costliest method in both memory and communication.
 """
 
 from __future__ import annotations
 
-from .base import Method, everything, nothing, register
-from ..train import TrainPlan
+from .base import Method, register
 
 
 @register
 class FFT(Method):
-    name = "fft"
-    label = "FFT"
-    memory_shape = "fft"
+    name, label, memory_shape = "fft", "FFT", "fft"
+    trains = "weights"
     variants = {"FFT": {}}
-
-    @classmethod
-    def plan_at(cls, num_layers, stage=None, lam=0.0, train_head=True) -> TrainPlan:
-        return TrainPlan(range(0, 0), everything(num_layers), nothing(num_layers), train_head=train_head,
-                         train_base=True)

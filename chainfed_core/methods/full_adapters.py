@@ -6,18 +6,11 @@ the whole model, so the accuracy tables run it without memory-aware selection.
 
 from __future__ import annotations
 
-from .base import Method, everything, nothing, register
-from ..train import TrainPlan
+from .base import Method, register
 
 
 @register
 class FullAdapters(Method):
-    name = "full_adapters"
-    label = "Full Adapters"
-    adapters = True
-    memory_shape = "full_adapters"
+    name, label, memory_shape = "full_adapters", "Full Adapters", "full_adapters"
+    adapters, trains = True, "adapters"
     variants = {"Full Adapters": {}}
-
-    @classmethod
-    def plan_at(cls, num_layers, stage=None, lam=0.0, train_head=True) -> TrainPlan:
-        return TrainPlan(range(0, 0), everything(num_layers), nothing(num_layers), train_head=train_head)

@@ -1,21 +1,16 @@
 """Linear probing: every layer frozen, only the classification head trains.
 
-Every layer runs forward only; the head (and, for BERT, its pooler) is trained and exchanged.
+Every layer runs forward only, under ``no_grad``; the head (for BERT, its pooler and the
+classifier) is the one tensor set trained and exchanged.
 """
 
 from __future__ import annotations
 
-from .base import Method, everything, nothing, register
-from ..train import TrainPlan
+from .base import Method, register
 
 
 @register
 class LinearProbe(Method):
-    name = "linear_probe"
-    label = "Linear Probing"
-    memory_shape = "linear_probe"
+    name, label, memory_shape = "linear_probe", "Linear Probing", "linear_probe"
+    trains = "nothing"
     variants = {"LP": {}}
-
-    @classmethod
-    def plan_at(cls, num_layers, stage=None, lam=0.0, train_head=True) -> TrainPlan:
-        return TrainPlan(everything(num_layers), nothing(num_layers), nothing(num_layers), train_head=train_head)

@@ -5,17 +5,12 @@ The lower bound of the paper's tables. Nothing trains and nothing is exchanged.
 
 from __future__ import annotations
 
-from .base import Method, everything, nothing, register
-from ..train import TrainPlan
+from .base import Method, register
 
 
 @register
 class NoFT(Method):
-    name = "no_ft"
-    label = "No-FT"
-    memory_shape = "no_ft"
+    """Every layer runs forward only and the head keeps its random initialisation."""
+    name, label, memory_shape = "no_ft", "No-FT", "no_ft"
+    trains, trains_head = "nothing", False
     variants = {"No-FT": {}}
-
-    @classmethod
-    def plan_at(cls, num_layers, stage=None, lam=0.0, train_head=True) -> TrainPlan:
-        return TrainPlan(everything(num_layers), nothing(num_layers), nothing(num_layers), train_head=False)
