@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .assets import ASSETS, AssetError
-from .config import RunConfig, _Config, allowed_values, bounds_text
+from .config import RunConfig, Config, allowed_values, bounds_text
 from .data import SYNTHETIC, check_dataset
 from .records import RECORD_FILE
 
@@ -108,7 +108,7 @@ def check_inputs(config: RunConfig) -> None:
 
 # ---------------------------------------------------------------------- --help
 def _is_section(hint: Any) -> bool:
-    return isinstance(hint, type) and issubclass(hint, _Config)
+    return isinstance(hint, type) and issubclass(hint, Config)
 
 
 def _shown(value: Any) -> str:

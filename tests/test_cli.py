@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chainfed_core.cli import config_from_args, config_help, main, summary
-from chainfed_core.config import RunConfig, _Config
+from chainfed_core.config import RunConfig, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -102,7 +102,7 @@ def test_checks_import_no_data_or_model_library():
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(RunConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)
-            if isinstance(hints[f.name], type) and issubclass(hints[f.name], _Config)}
+            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Config)}
 
 
 def test_help_lists_every_field_with_its_default_and_help():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chainfed_core.config import (AdapterConfig, ChainConfig, DataConfig, FedConfig, ModelConfig, RunConfig,
-                                  TrainConfig, _Config, _help)
+                                  TrainConfig, Config, option)
 from chainfed_core.experiments import config_hash
 from chainfed_core.methods import Method, register, unregister
 from chainfed_core.methods.full_adapters import FullAdapters
@@ -133,9 +133,9 @@ def test_committed_records_keep_their_config_and_hash():
 
 
 @dataclasses.dataclass
-class ToyOptions(_Config):
-    mu: float = _help("Proximal weight.", 0.01, ge=0)
-    steps: int = _help("Inner steps.", 1, ge=1)
+class ToyOptions(Config):
+    mu: float = option("Proximal weight.", 0.01, ge=0)
+    steps: int = option("Inner steps.", 1, ge=1)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from flwr.app import Context, Message, RecordDict
 from chainfed_core import experiments as ex
 from chainfed_core.aggregation import fedavg
 from chainfed_core.checkpoint import load_final_state
-from chainfed_core.config import RunConfig, _Config, _help
+from chainfed_core.config import RunConfig, Config, option
 from chainfed_core.federated import run
 from chainfed_core.methods import Method, get_method, method_names, plan_for, register, unregister
 from chainfed_core.records import RECORD_FILE
@@ -23,8 +23,8 @@ from chainfed_core.train import get_state
 
 # ---------------------------------------------------------------- a toy method, one small class
 @dataclass
-class TopOptions(_Config):
-    top: int = _help("How many of the top layers train their adapters.", 1)
+class TopOptions(Config):
+    top: int = option("How many of the top layers train their adapters.", 1)
 
 
 class TopAdapters(Method):
