@@ -57,7 +57,8 @@ def diff(old: Path, new: Path) -> int:
         a, b = _lines(old / name), _lines(new / name) if (new / name / "metrics.jsonl").exists() else None
         same = a == b
         bad += not same
-        print(f"{'same' if same else 'DIFFERENT'}  {name}  ({len(a)} rounds)")
+        keys = sorted({k for x, y in zip(a, b or []) for k in set(x) | set(y) if x.get(k) != y.get(k)})
+        print(f"{'same' if same else 'DIFFERENT'}  {name}  ({len(a)} rounds)" + (f"  keys: {keys}" if keys else ""))
     print(f"{len(names) - bad} of {len(names)} runs identical (timing fields aside)")
     return 1 if bad else 0
 
