@@ -240,12 +240,6 @@ class LayerStore:
     def family(self) -> str:
         return self.manifest["family"]
 
-    def path(self, key: str) -> Path:
-        return self.folder / self.manifest["shards"][key]["file"]
-
-    def nbytes(self, key: str) -> int:
-        return self.manifest["shards"][key]["bytes"]
-
     @property
     def pooling(self) -> str:
         return self.manifest["pooling"]
@@ -254,7 +248,14 @@ class LayerStore:
     def attn_implementation(self) -> str | None:
         return self.manifest["attn_implementation"]
 
+    def path(self, key: str) -> Path:
+        return self.folder / self.manifest["shards"][key]["file"]
+
+    def nbytes(self, key: str) -> int:
+        return self.manifest["shards"][key]["bytes"]
+
     def hf_config(self):
+        """The stored model's HF config."""
         return hf_config(self.manifest["config"])
 
     def allocate(self, key: str, pin: bool = False) -> torch.Tensor:

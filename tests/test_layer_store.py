@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import re
 
 import pytest
@@ -59,15 +60,19 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
 
 def test_full_disk_keeps_written_shards_and_resumes(tmp_path, monkeypatch):
     bb = tiny_backbone("bert", num_layers=3, hidden=32)
-    real, calls = layer_store.atomic_write_bytes, []
+    real_write, real_fsync, calls = layer_store.atomic_write_bytes, os.fsync, []
 
-    def failing(path, data):
+    def counting(path, data):
         calls.append(path.name)
-        if path.name == "layer_001.safetensors" and calls.count(path.name) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        real_write(path, data)
 
-    monkeypatch.setattr(layer_store, "atomic_write_bytes", failing)
+    def fsync(fd):                                       # the disk fills up in the first write of layer 1
+        if calls[-1] == "layer_001.safetensors" and calls.count(calls[-1]) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(layer_store, "atomic_write_bytes", counting)
+    monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(LayerStoreError, match=r"shard layer\.1 .*no space left"):
         save_layer_store(bb, tmp_path)
     written = json.loads((tmp_path / "manifest.json").read_text())["shards"]
