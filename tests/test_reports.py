@@ -1,0 +1,112 @@
+"""What a reader sees: number formatting, readable tables, clean executed notebooks with their
+figures, the report index, and provenance read once per process."""
+
+import importlib.util
+import math
+import subprocess
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+from chainfed_core import display, paper, records
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_batch():
+    spec = importlib.util.spec_from_file_location("run_batch", REPO / "scripts" / "run_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("value, shown", [
+    (0.83754, "0.838"), (70.93, "70.9"), (1234.5, "1,230"), (0.5, "0.500"), (0.9996, "1.00"),
+    (99.96, "100"), (-3.14159, "-3.14"), (1e-5, "0.0000100"), (0.0, "0"), (12, "12"), (np.int64(30000), "30,000"),
+    (np.float64(7.071391), "7.07"), (math.nan, "–"), (None, "–"), ("not found", "not found"), (True, "True"),
+])
+def test_sig_shows_three_significant_digits_without_exponent(value, shown):
+    assert display.sig(value) == shown
+
+
+def test_styled_renames_and_formats_the_view_only():
+    df = pd.DataFrame({"method": ["ChainFed", "LP"], "accuracy": [70.931, 61.0], "note": ["", "not yet run"]})
+    before = df.copy()
+    page = display.styled(df, {"accuracy": "accuracy (%)"}, caption="Test accuracy", hide_index=True).to_html()
+    assert "accuracy (%)" in page and "70.9<" in page and "61.0<" in page and "not yet run" in page
+    assert "70.931" not in page and "<caption>Test accuracy</caption>" in page
+    pd.testing.assert_frame_equal(df, before)
+
+
+def test_runs_table_gives_units_and_hides_internals():
+    df = pd.DataFrame({"variant": ["ChainFed"], "method": ["chainfed"], "run_id": ["abc"], "curve": [[(1, 0.5, 10)]],
+                       "accuracy": [0.70931], "bytes_total": [3 * 2 ** 20], "wall_s": [1234.5],
+                       "peak_memory_bytes": [2 ** 20], "peak memory (MB)": [1.0]})
+    page = display.runs_table(df).to_html()
+    for header in ("test accuracy (%)", "exchanged (MB)", "wall time (s)", "peak memory (MB)"):
+        assert header in page
+    assert ">70.9<" in page and ">3.00<" in page and ">1,230<" in page
+    assert "run_id" not in page and "curve" not in page and ">chainfed<" not in page
+    assert page.count("peak memory (MB)") == 1     # the notebook's own column wins over the raw bytes
+
+
+def test_method_labels_come_from_the_registry():
+    from chainfed_core.methods import get_method
+
+    assert display.method_label("full_adapters") == get_method("full_adapters").label == "Full Adapters"
+    assert display.method_label("W=3") == "W=3"
+
+
+def test_paper_gaps_say_what_is_missing_per_artefact():
+    text = display.paper_gaps(["Table 1 a", "Table 1 b", "Figure 9 lambda=0.0", "hyper-parameter lr"])
+    assert text.startswith("Not yet transcribed from the paper: Table 1 (2 values), Figure 9 (1 value) and "
+                           "hyper-parameters (1 value)")
+    assert display.paper_gaps([]) == "Every paper value the notebooks cite is transcribed."
+    assert "Table 1" in display.paper_gaps(paper.not_found())
+
+
+def test_without_stderr_keeps_results_and_errors():
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="\rgrid: 50%"),
+                    nbformat.v4.new_output("stream", name="stdout", text="accuracy 0.8\n"),
+                    nbformat.v4.new_output("display_data", data={"image/png": "iVBOR"}),
+                    nbformat.v4.new_output("error", ename="ValueError", evalue="bad", traceback=[])]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), cell])
+    kept = [o.get("name", o.output_type) for o in _run_batch().without_stderr(nb).cells[1].outputs]
+    assert kept == ["stdout", "display_data", "error"]
+
+
+def test_code_version_is_read_once_at_import(monkeypatch):
+    first = records.code_version()
+
+    def no_git(*args, **kwargs):
+        raise AssertionError("code_version ran git again")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert records.code_version() == first
+
+
+def test_executed_report_has_its_figures_and_no_stderr(tmp_path, monkeypatch, capfd):
+    """A result notebook run as `make report` runs it: figures inline even with MPLBACKEND=Agg
+    in the environment, tables formatted, no stderr kept, progress on the terminal."""
+    batch = _run_batch()
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    name = "table4_ablation"
+    result = batch.execute(REPO / "notebooks" / f"{name}.ipynb", tmp_path / f"{name}.ipynb", {"profile": "quick"})
+    assert result["error"] is None
+    nb = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert "text/markdown" in outputs[-1]["data"]          # ends on a sentence, not a raw dict
+    page = (tmp_path / f"{name}.html").read_text()
+    assert "<img" in page and "test accuracy (%)" in page
+    terminal = capfd.readouterr().err
+    assert f"[{name} 0:00] cell 1/" in terminal and "grid (" in terminal and f"[{name}] done" in terminal
+
+    index = batch.write_index([result], "quick", tmp_path, index=tmp_path / "report_quick.html").read_text()
+    assert "Table 4" in index and f"{name}.html" in index and "Not yet transcribed from the paper" in index
+    assert "max_avg_accuracy_gain_pct" not in index and "paper values were not found" not in index
