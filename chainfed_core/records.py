@@ -50,8 +50,8 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def code_version() -> str | None:
-    """The git commit of the code, with ``+dirty`` if the tree has changes; None outside git."""
+def _read_code_version() -> str | None:
+    """The git commit of the tree this package lies in, with ``+dirty`` if tracked files differ from it."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -61,6 +61,17 @@ def code_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+# Read once, when a process first imports this module (before it has written anything): a run
+# that rewrites a tracked figure or record must not stamp its own later records "+dirty".
+_CODE_VERSION = _read_code_version()
+
+
+def code_version() -> str | None:
+    """The git commit of the code this process started with, ``+dirty`` if tracked files had
+    uncommitted changes then; None outside git."""
+    return _CODE_VERSION
 
 
 def peak_rss_bytes() -> int:
