@@ -56,23 +56,23 @@ def measure_peak(config_like, method: str, window: int = 1, *, batch_size: int, 
     The weights are written once as a layer store in ``folder`` (reused when it is there);
     ``streamed`` ChainFed reads them part by part with prefetch, otherwise all are resident.
     """
-    from .methods import plan_for
+    from .methods import get_method, plan_for
     from .train import evaluate
 
     config = hf_config(config_like)
     folder = Path(folder)
     store = LayerStore(folder) if (folder / MANIFEST).exists() else write_random_store(config, folder)
     bb = load_streamed(store, prefetch=streamed, resident="streamed" if streamed else "all")
-    if method in ("full_adapters", "chainfed"):
+    if get_method(method).adapters:
         bb.add_adapters(AdapterConfig(bottleneck=bottleneck))
     L = bb.num_layers
-    stage = stage_at(window_start, L, 0, window, 1) if method == "chainfed" else None
+    stage = stage_at(window_start, L, 0, window, 1) if get_method(method).uses_chain else None
     plan = plan_for(method, L, stage, lam=0.1)
     if streamed:
         bb.follow(plan)
     data = random_token_dataset(2 * batch_size, seq_len, config.vocab_size, getattr(config, "num_labels", 2))
     try:
-        if method == "no_ft":
+        if not plan.trains_anything:                   # No-FT: the peak of inference
             with MemoryMeter(bb) as meter:
                 evaluate(bb, data, batch_size=batch_size)
             return meter.report()

@@ -40,8 +40,9 @@ class MemoryEstimate:
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# The memory shapes of the methods: what trains and what runs in a step.
-METHODS = ("full_adapters", "chainfed", "fft", "linear_probe", "no_ft")
+# The kinds of step the model predicts, named after the method whose step each is; a method
+# names its kind in ``Method.memory_shape`` (chainfed_core.methods).
+STEP_KINDS = ("full_adapters", "chainfed", "fft", "linear_probe", "no_ft")
 
 
 def part_sizes(config_like) -> dict[str, int]:
@@ -118,7 +119,7 @@ def peak_training_bytes(model_config_like, method: str,
     Args:
         model_config_like: a HF config or a dict with ``model_type`` and the config's fields
             (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ...).
-        method: one of :data:`METHODS`: ``"full_adapters"`` (every layer's adapter, end to
+        method: one of :data:`STEP_KINDS`: ``"full_adapters"`` (every layer's adapter, end to
             end), ``"chainfed"`` (a window of ``window`` adapters after a frozen prefix),
             ``"fft"`` (every layer's own weights train, end to end, no adapters),
             ``"linear_probe"`` (the head trains on a forward-only pass through every layer)
@@ -148,8 +149,8 @@ def peak_training_bytes(model_config_like, method: str,
     :class:`~chainfed_core.memory_meter.MemoryMeter` counts them; the process adds the runtime
     and allocator slack (:func:`~chainfed_core.rss.measure_rss`).
     """
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {list(METHODS)}")
+    if method not in STEP_KINDS:
+        raise ValueError(f"method: {method!r} is not one of {list(STEP_KINDS)}")
     if (streamed or cached) and method != "chainfed":
         raise ValueError(f"streamed/cached: only 'chainfed' streams layers or caches its prefix, not {method!r}")
     config = hf_config(model_config_like)
@@ -250,15 +251,16 @@ def _training_activation_bytes(method: str, family: str, d: dict[str, int], L: i
 def client_peak_bytes(model_config_like, method: str, window: int = 1, *, batch_size: int, seq_len: int,
                       bottleneck: int = 64, optimizer: Literal["sgd", "adamw"] = "sgd",
                       dtype: str = "float32") -> MemoryEstimate:
-    """Peak memory of one federated client running ``method`` as the method is deployed.
+    """Peak memory of one federated client running the registered ``method`` as it is deployed
+    (:meth:`chainfed_core.methods.Method.peak_bytes`, which says how the method's step maps
+    onto :func:`peak_training_bytes`).
 
     The one estimate behind memory-aware client selection, ``fed.window_from_memory`` and
     the peak memory column of the result tables. ChainFed clients are taken to stream their
-    layers from a layer store (``streamed=True``, prefix recomputed, not cached): the
-    paper's memory claim is for such clients, so eligibility reflects ChainFed as deployed
-    even though the in-process simulator keeps every layer in memory. Every other method
-    holds the whole model.
+    layers from a layer store (prefix recomputed, not cached): the paper's memory claim is
+    for such clients, so eligibility reflects ChainFed as deployed even though the in-process
+    simulator keeps every layer in memory. Every other built-in method holds the whole model.
     """
-    return peak_training_bytes(model_config_like, method, window if method == "chainfed" else 1,
-                               batch_size=batch_size, seq_len=seq_len, dtype=dtype, bottleneck=bottleneck,
-                               optimizer=optimizer, streamed=method == "chainfed")
+    from .methods import get_method
+    return get_method(method).peak_bytes(hf_config(model_config_like), window, batch_size=batch_size,
+                                         seq_len=seq_len, bottleneck=bottleneck, optimizer=optimizer, dtype=dtype)
