@@ -71,6 +71,14 @@ def fedavg(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torc
             for name in first}
 
 
+def fedavg_by_tensor(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """FedAvg of each tensor over the clients that sent it, for methods whose clients train
+    different parts of the model (each client's weight is its sample count among those)."""
+    names = dict.fromkeys(name for state, _ in updates for name in state)     # first-seen order
+    return {name: fedavg([({name: state[name]}, n) for state, n in updates if name in state])[name]
+            for name in names}
+
+
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 

@@ -19,7 +19,6 @@ from .config import RunConfig
 from .rounds import Job, client_profile, run_rounds
 from .server import Server
 from .task import seq_len
-from .schedule import TrainPlan
 from .train import evaluate, set_state
 
 
@@ -33,10 +32,10 @@ class OneClient:
     def profile(self, clients: list[int], state: dict) -> list[tuple[list[float], int]]:
         return [(client_profile(self.backbone, self.config, self.train_set, self.pad_id), len(self.train_set))]
 
-    def train(self, round_index: int, plan: TrainPlan, jobs: list[Job], state: dict):
+    def train(self, round_index: int, jobs: list[Job], state: dict):
         set_state(self.backbone, jobs[0].window)
         yield jobs[0].client, self.server.method.client_update(
-            self.backbone, self.train_set, plan, seed=self.config.seed * 10_000 + round_index, pad_id=self.pad_id)
+            self.backbone, self.train_set, jobs[0].plan, seed=self.config.seed * 10_000 + round_index, pad_id=self.pad_id)
 
 
 def run_centralised(backbone: Backbone, config: RunConfig, train, test, pad_id: int = 0,

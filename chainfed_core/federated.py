@@ -33,7 +33,6 @@ from .records import RECORD_FILE, atomic_write_json, make_record
 from .rounds import AllClientsFailed, Job, client_profile, client_update, evaluator, run_rounds
 from .server import Server
 from .task import Task, build_task, seq_len
-from .schedule import TrainPlan
 from .train import set_state, tensors_by_name
 
 LOCK_FILE = ".lock"
@@ -47,7 +46,8 @@ class LocalClients:
     """The simulator's transport: every client trains in this process, on one shared model.
 
     Clients share the model: it starts each round at the global state, and since a client
-    trains only the window, resetting the window gives the next client that state.
+    trains only its window, resetting that window gives the next client that state (and
+    where two clients train different windows, the first's is reset too).
     """
 
     def __init__(self, config: RunConfig, backbone: Backbone, population: Population, server: Server,
@@ -63,15 +63,20 @@ class LocalClients:
         return [(client_profile(self.backbone, self.config, pop.data(c), self.pad_id), pop.num_examples(c))
                 for c in clients]
 
-    def train(self, round_index: int, plan: TrainPlan, jobs: list[Job], state: dict):
+    def train(self, round_index: int, jobs: list[Job], state: dict):
         set_state(self.backbone, state, self.everything)
-        targets = {n: self.everything[n] for n in self.server.window_names(plan)}
+        targets, previous = {}, None                       # per distinct plan: its window's tensors
         for job in jobs:
+            if job.plan not in targets:
+                targets[job.plan] = {n: self.everything[n] for n in self.server.window_names(job.plan)}
+            if previous is not None and previous != job.plan:     # undo the last client's training
+                set_state(self.backbone, {n: state[n] for n in targets[previous]}, targets[previous])
+            previous = job.plan
             rows = self.population.data(job.client)        # the simulator's stand-in for the device's data
             try:
-                yield job.client, client_update(self.backbone, self.config, self.method, rows, plan, job.window,
+                yield job.client, client_update(self.backbone, self.config, self.method, rows, job.plan, job.window,
                                                 round_index, job.client, self.pad_id, seed=job.seed,
-                                                targets=targets)
+                                                targets=targets[job.plan])
             except Exception as err:     # a failing client is dropped from the round, not the run
                 yield job.client, err
 

@@ -52,6 +52,7 @@ class AllClientsFailed(RuntimeError):
 class Job:
     """What the server sends one client in one round."""
     client: int
+    plan: TrainPlan                      # what it trains (the method's choice for this client)
     window: dict[str, torch.Tensor]      # the tensors it trains
     context: dict[str, torch.Tensor]     # tensors it has not seen since its last round
     seed: int                            # its local training seed (:func:`client_seed`)
@@ -63,7 +64,7 @@ class Transport(Protocol):
     def profile(self, clients: list[int], state: dict[str, torch.Tensor]) -> list[tuple[list[float], int]]:
         """FOAT: each client's layer scores and example count."""
 
-    def train(self, round_index: int, plan: TrainPlan, jobs: list[Job],
+    def train(self, round_index: int, jobs: list[Job],
               state: dict[str, torch.Tensor]) -> Iterable[tuple[int, LocalResult | BaseException]]:
         """Each job's outcome, in job order: its LocalResult, or the exception it failed with."""
 
@@ -132,13 +133,17 @@ def run_round(server: Server, transport: Transport, round_index: int,
     plan = server.plan(r)
     clients = server.round_clients(r)
     seeds = client_seed(cfg.seed, r, np.asarray(clients)).tolist()
-    window_bytes, jobs, bytes_ctx = state_bytes(server.window_state(plan)), [], 0
+    jobs, bytes_down, bytes_ctx, window_bytes = [], 0, 0, {}
     for c, seed in zip(clients, seeds):
-        window, context = server.downlink(r, c, plan)
+        own = server.client_plan(r, c, plan)
+        window, context = server.downlink(r, c, own)
+        if own not in window_bytes:
+            window_bytes[own] = state_bytes(window)
+        bytes_down += window_bytes[own]
         bytes_ctx += state_bytes(context)
-        jobs.append(Job(c, window, context, seed))
+        jobs.append(Job(c, own, window, context, seed))
     clients_started = time.perf_counter()
-    outcomes = list(transport.train(r, plan, jobs, server.state["global"]))
+    outcomes = list(transport.train(r, jobs, server.state["global"]))
     clients_s = time.perf_counter() - clients_started
     results, failures, timeout = [], [], cfg.fed.client_timeout_s
     for c, out in outcomes:
@@ -148,9 +153,9 @@ def run_round(server: Server, transport: Transport, round_index: int,
             failures.append(_failure(r, c, ClientTimeout(f"local training took {out.seconds:.2f} s > {timeout} s")))
         else:
             results.append((c, out))
-    server.aggregate(r, [(res.state, res.num_examples) for _, res in results])
+    server.aggregate(r, [(res.state, res.num_examples) for _, res in results], [c for c, _ in results])
     metrics = round_metrics(r, plan, clients, results, failures, sum(state_bytes(res.state) for _, res in results),
-                            window_bytes * len(jobs), bytes_ctx)
+                            bytes_down, bytes_ctx)
     metrics["seconds_clients"] = clients_s       # what the clients do: load the window, seed, train
     if evaluate is not None and ((r + 1) % cfg.fed.eval_every == 0 or r == cfg.fed.rounds - 1):
         metrics.update({f"test_{k}": v for k, v in evaluate(server.state["global"]).items()})

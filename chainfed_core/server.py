@@ -54,9 +54,11 @@ class Server:
             "round": 0, "start_layer": self.method.initial_start_layer(), "foat_scores": None,
             "global": get_state(backbone, self.method.exchanged_names(backbone)),
             "versions": {}, "last_sync": np.full(len(capacity), -1, dtype=np.int64), "history": [],
+            "method": self.method.state,
         }
+        self.capacity_bytes = capacity
         self._backbone = backbone
-        self._window: tuple = (None, [], [])
+        self._names: dict = {}
 
     def _eligible(self, capacity: np.ndarray) -> np.ndarray:
         cfg, need, per_gb = self.config, self.need_bytes, self.bytes_per_gb
@@ -91,16 +93,24 @@ class Server:
     def plan(self, round_index: int):
         return self.method.plan(round_index, self.state["start_layer"], self.window)
 
+    def client_plan(self, round_index: int, client: int, plan):
+        """The plan ``client`` trains this round (the method's choice; by default the round's)."""
+        return self.method.client_plan(round_index, client, plan, float(self.capacity_bytes[client]))
+
     def round_clients(self, round_index: int) -> list[int]:
         return sample_clients(self.config.seed, round_index, self.eligible, self.config.fed.clients_per_round)
 
     def window_names(self, plan) -> list[str]:
         """Global tensors the plan trains (computed once per plan: every client of a round asks)."""
-        if self._window[0] is not plan:
+        return self._split(plan)[0]
+
+    def _split(self, plan) -> tuple[list[str], list[str]]:
+        """(the plan's window, the other global tensors), computed once per distinct plan."""
+        if plan not in self._names:
             names = [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
             chosen = set(names)
-            self._window = (plan, names, [n for n in self.state["global"] if n not in chosen])
-        return self._window[1]
+            self._names[plan] = (names, [n for n in self.state["global"] if n not in chosen])
+        return self._names[plan]
 
     def window_state(self, plan) -> dict[str, torch.Tensor]:
         g = self.state["global"]
@@ -109,17 +119,17 @@ class Server:
     def downlink(self, round_index: int, client_id: int, plan) -> tuple[dict, dict]:
         """(window tensors, context tensors the client has not seen since its last round)."""
         g = self.state["global"]
-        window = self.window_state(plan)          # also caches the names outside the window
+        window = self.window_state(plan)
         last_sync = self.state["last_sync"]
-        context = stale_names(self._window[2], self.state["versions"], int(last_sync[client_id]))
+        context = stale_names(self._split(plan)[1], self.state["versions"], int(last_sync[client_id]))
         last_sync[client_id] = round_index
         return window, {n: g[n] for n in context}
 
-    def aggregate(self, round_index: int, updates: list[tuple[dict, int]]) -> dict:
-        """The method's aggregation of the updates, merged into the global state."""
-        if not updates or not updates[0][0]:
+    def aggregate(self, round_index: int, updates: list[tuple[dict, int]], clients: list[int] | None = None) -> dict:
+        """The method's aggregation of the updates (in client order), merged into the global state."""
+        if not updates or not any(state for state, _ in updates):
             return {}
-        avg = self.method.aggregate(updates)
+        avg = self.method.aggregate(updates, round_index=round_index, clients=clients)
         self.state["global"] = merge(self.state["global"], avg)
         for n in avg:
             self.state["versions"][n] = round_index
@@ -148,3 +158,4 @@ class Server:
         torch.set_rng_state(saved.pop("torch_rng"))
         saved.pop("window")
         self.state = {**saved, "history": history[:saved["round"]]}
+        self.method.state = self.state.setdefault("method", {})

@@ -92,3 +92,14 @@ def test_pack_copies_into_one_buffer_read_only_and_pickles_once():
     assert isinstance(back, PackedState) and all(torch.equal(back[k], state[k]) for k in state)
     mixed = pack({"a": torch.ones(2), "h": torch.ones(2, dtype=torch.float16)})
     assert type(mixed) is dict and mixed["h"].dtype == torch.float16
+
+
+def test_fedavg_by_tensor_averages_each_tensor_over_its_senders():
+    a = {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([4.0])}
+    b = {"x": torch.tensor([3.0, 6.0])}
+    c = {"y": torch.tensor([8.0]), "z": torch.tensor([1.5])}
+    out = aggregation.fedavg_by_tensor([(a, 1), (b, 3), (c, 1)])
+    assert list(out) == ["x", "y", "z"]
+    assert torch.equal(out["x"], torch.tensor([2.5, 5.0]))      # (1*a + 3*b) / 4
+    assert torch.equal(out["y"], torch.tensor([6.0]))           # (a + c) / 2
+    assert torch.equal(out["z"], torch.tensor([1.5]))           # c alone

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from chainfed_core import experiments as ex
-from chainfed_core.aggregation import fedavg
+from chainfed_core.aggregation import fedavg_by_tensor
 from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig, Config, option
 from chainfed_core.federated import run
@@ -28,7 +28,8 @@ class TopOptions(Config):
 
 
 class TopAdapters(Method):
-    """Adapters of the top ``top`` layers and the head, averaged without example weights."""
+    """Adapters of the top ``top`` layers and the head; clients with odd ids train only the top
+    layer's. Each tensor is averaged over the clients that trained it, without example weights."""
     name, label, adapters, Options = "toy_top", "Top adapters (toy)", True, TopOptions
     variants = {"Top adapters": {"method_options": {"top": 2}}}
 
@@ -36,11 +37,15 @@ class TopAdapters(Method):
         L, k = self.num_layers, self.options.top
         return TrainPlan(range(0, L - k), range(L - k, L), range(L, L))
 
+    def client_plan(self, round_index, client, plan, capacity_bytes) -> TrainPlan:
+        L = self.num_layers
+        return plan if client % 2 == 0 else TrainPlan(range(0, L - 1), range(L - 1, L), range(L, L))
+
     def widest_plan(self) -> TrainPlan:
         return self.plan(0, 0, 1)
 
-    def aggregate(self, updates):
-        return fedavg([(state, 1) for state, _ in updates])
+    def aggregate(self, updates, *, round_index=0, clients=None):
+        return fedavg_by_tensor([(state, 1) for state, _ in updates])
 
 
 @pytest.fixture
@@ -88,9 +93,10 @@ def test_a_toy_method_runs_in_the_simulator(toy, tmp_path):
     hidden, r, labels = 32, 4, 3
     adapter = 2 * hidden * r + hidden + r
     head = hidden * hidden + hidden + hidden * labels + labels            # bert.pooler + classifier
-    for m in record["history"]:
+    for m in record["history"]:                # even clients send two adapters, odd ones one
         assert m["window"] == [2, 4]
-        assert m["bytes_up"] == 4 * (2 * adapter + head) * len(m["trained"])
+        assert m["bytes_up"] == 4 * sum((2 - c % 2) * adapter + head for c in m["trained"])
+        assert m["bytes_down"] == 4 * sum((2 - c % 2) * adapter + head for c in m["clients"])
     final = load_final_state(tmp_path)
     initial = get_state(build_task(cfg).make_backbone(), final)
     assert sorted({k.split(".")[1] for k in final if k.startswith("adapters.")}) == ["2", "3"]

@@ -1,8 +1,8 @@
 """ClientApp: a SuperNode holding one partition (``partition-id`` in its node config).
 
 QUERY messages return the node's partition id and device capacity (``info``) or its FOAT
-layer scores (``foat``); TRAIN messages carry the round's window and any tensors the node
-has not seen yet. The node keeps its copy of the global tensors in ``context.state`` and
+layer scores (``foat``); TRAIN messages carry the node's plan for the round, its window and
+any tensors the node has not seen yet. The node keeps its copy of the global tensors in ``context.state`` and
 trains with the same :func:`chainfed_core.rounds.client_update` as the simulator.
 """
 
@@ -19,19 +19,25 @@ from ..population import Population, device_capacity_gb
 from ..rounds import client_profile, client_update
 from ..task import build_task
 from ..train import get_state, set_state
-from .transport import from_record, to_record
+from .transport import from_record, plan_from, to_record
 
 app = ClientApp()
 _WORKERS: dict[str, tuple] = {}
+_INITIAL: dict[str, dict] = {}      # per config: the seeded initial state of every exchanged tensor
 
 
 def _worker(config_json: str, context: Context):
-    """(config, task, backbone, method, population, client id), built once per process and config."""
+    """(config, task, backbone, method, population, client id), built once per process and config.
+
+    Several nodes may share a process (Flower's simulation engine), and so the model: each
+    node loads its whole state before it trains, and a node's first state is the seeded
+    initial one, kept aside when the model is built (the shared model may have trained since)."""
     if config_json not in _WORKERS:
         cfg = RunConfig.from_dict(json.loads(config_json))
         task = build_task(cfg)
         backbone = task.make_backbone()
         method = get_method(cfg.method)(cfg, backbone.num_layers, backbone.family)
+        _INITIAL[config_json] = get_state(backbone, method.exchanged_names(backbone))
         _WORKERS[config_json] = (cfg, task, backbone, method, Population(cfg, task.train))
     cfg, task, backbone, method, pop = _WORKERS[config_json]
     cid = int(context.node_config["partition-id"])
@@ -42,10 +48,11 @@ def _worker(config_json: str, context: Context):
     return cfg, task, backbone, method, pop, cid
 
 
-def _local_state(context: Context, backbone, method) -> dict:
+def _local_state(context: Context, config_json: str) -> dict:
+    """This node's copy of the global tensors (the initial state before its first round)."""
     if "global" in context.state:
         return from_record(context.state["global"])
-    return get_state(backbone, method.exchanged_names(backbone))
+    return dict(_INITIAL[config_json])
 
 
 @app.query()
@@ -68,10 +75,10 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg, task, backbone, method, pop, cid = _worker(config["run-config"], context)
     r = int(config["round"])
-    state = {**_local_state(context, backbone, method), **from_record(msg.content["context"]),
+    state = {**_local_state(context, config["run-config"]), **from_record(msg.content["context"]),
              **from_record(msg.content["window"])}
     context.state["global"] = ArrayRecord(state)
-    plan = method.plan(r, int(config["start-layer"]), int(config["window"]))
+    plan = plan_from(config)                  # the server's choice for this node and round
     res = client_update(backbone, cfg, method, pop.data(cid), plan, state, r, cid, task.pad_id)
     metrics = MetricRecord({"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
                             "steps": res.steps, "seconds": res.seconds})

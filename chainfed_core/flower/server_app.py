@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     task = build_task(config)
     backbone = task.make_backbone()
     clients = FlowerClients(grid, config)
-    server = clients.server = Server(config, backbone, clients.discover(), seq_len(task.train))
+    server = Server(config, backbone, clients.discover(), seq_len(task.train))
     out = Path(str(rc.get("out-dir", ""))) if str(rc.get("out-dir", "")) else None
     checkpoints = Checkpointer(out) if out is not None else None
     if out is not None:      # a Flower run starts afresh (its nodes' copies do not survive a restart)

@@ -32,6 +32,20 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
+def plan_record(plan: TrainPlan) -> dict:
+    """A plan as ConfigRecord values (ranges as [start, stop])."""
+    span = lambda r: [r.start, r.stop]  # noqa: E731
+    return {"frozen": span(plan.frozen), "training": span(plan.training), "idle": span(plan.idle),
+            "lam": float(plan.lam), "train-head": plan.train_head, "train-base": plan.train_base}
+
+
+def plan_from(config) -> TrainPlan:
+    """The plan a TRAIN message carries (:func:`plan_record`)."""
+    span = lambda key: range(*[int(x) for x in config[key]])  # noqa: E731
+    return TrainPlan(span("frozen"), span("training"), span("idle"), lam=float(config["lam"]),
+                     train_head=bool(config["train-head"]), train_base=bool(config["train-base"]))
+
+
 class RemoteError(RuntimeError):
     """A SuperNode replied with an error."""
 
@@ -43,7 +57,6 @@ class FlowerClients:
         self.grid, self.config = grid, config
         self.config_json = json.dumps(config.to_dict())
         self.node_of: dict[int, int] = {}      # client id (partition-id) -> Flower node id
-        self.server = None                     # the Server whose chain the TRAIN messages carry
 
     def _send(self, node_ids: Iterable[int], content: list[RecordDict], kind: str,
               timeout: float | None = None) -> list[Message]:
@@ -86,11 +99,11 @@ class FlowerClients:
         by_client = {int(m.content["foat"]["partition-id"]): m.content["foat"] for m in replies}
         return [(list(by_client[c]["scores"]), int(by_client[c]["num-examples"])) for c in clients]
 
-    def train(self, round_index: int, plan: TrainPlan, jobs: list[Job], state: dict):
-        chain = {"start-layer": int(self.server.state["start_layer"]), "window": int(self.server.window)}
+    def train(self, round_index: int, jobs: list[Job], state: dict):
         content = [RecordDict({"window": to_record(j.window), "context": to_record(j.context),
                                "config": ConfigRecord({"run-config": self.config_json, "round": round_index,
-                                                       "client-id": j.client, **chain})}) for j in jobs]
+                                                       "client-id": j.client, **plan_record(j.plan)})})
+                   for j in jobs]
         replies = self._send([self.node_of[j.client] for j in jobs], content, MessageType.TRAIN,
                              timeout=self.config.fed.client_timeout_s or 3600)
         client_of = {nid: c for c, nid in self.node_of.items()}

@@ -87,6 +87,9 @@ class Method:
         self.family = family
         Options = type(self).Options
         self.options = Options.from_dict(config.method_options) if Options is not None else None
+        # What the method's server side keeps between rounds (search state, seed pools, ...):
+        # plain picklable values, checkpointed with the server so a restart resumes bitwise.
+        self.state: dict[str, Any] = {}
 
     # -- what trains when
     @classmethod
@@ -105,6 +108,12 @@ class Method:
     def widest_plan(self) -> TrainPlan:
         """A plan covering every tensor the method trains at some round."""
         return self.plan_at(self.num_layers)
+
+    def client_plan(self, round_index: int, client: int, plan: TrainPlan, capacity_bytes: float) -> TrainPlan:
+        """The plan one client trains this round (default: the round's plan). Methods that give
+        clients different layers (by their memory, or at random) override it; the server sends
+        each client its own plan, and the round counts each client's bytes by it."""
+        return plan
 
     # -- the model
     def prepare(self, backbone: "Backbone") -> None:
@@ -136,8 +145,10 @@ class Method:
         from ..train import train_local
         return train_local(backbone, dataset, plan, self.config.train, seed=seed, pad_id=pad_id)
 
-    def aggregate(self, updates: list[tuple[dict[str, "torch.Tensor"], int]]) -> dict[str, "torch.Tensor"]:
-        """The new global values of the updated tensors (FedAvg weighted by examples)."""
+    def aggregate(self, updates: list[tuple[dict[str, "torch.Tensor"], int]], *, round_index: int = 0,
+                  clients: list[int] | None = None) -> dict[str, "torch.Tensor"]:
+        """The new global values of the updated tensors, from each client's (state, examples)
+        in client order (``clients``: their ids). Default: FedAvg weighted by examples."""
         from ..aggregation import fedavg
         return fedavg(updates)
 
