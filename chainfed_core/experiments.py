@@ -14,8 +14,8 @@ checkpoint is resumed by :func:`chainfed_core.federated.run`. Notebooks share on
 profile, so a configuration that appears in two artefacts (Full Adapters in Tables 1 and 2,
 tau = 1.0 and "w/o FOAT") runs once.
 
-Baselines the project has not implemented (:data:`NOT_IMPLEMENTED`) appear in tables as
-"not yet run", never as numbers.
+The paper's baselines the registry does not hold yet (:func:`missing_baselines`) appear in
+tables as "not yet run", never as numbers.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .config import RunConfig
 from .records import RECORD_FILE, atomic_write_json, code_version
 
 NOT_YET_RUN = "not yet run"
-NOT_IMPLEMENTED = ("FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA")
+PAPER_BASELINES = ("FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA")   # Table 1's, by variant name
 GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, model and seed
 
 # ---------------------------------------------------------------------- profiles
@@ -111,6 +111,12 @@ def _registered_variants() -> dict[str, Variant]:
 
 
 VARIANTS: dict[str, Variant] = _registered_variants()
+
+
+def missing_baselines() -> list[str]:
+    """The paper's baselines that no registered method provides yet (by variant name)."""
+    variants = _registered_variants()
+    return [name for name in PAPER_BASELINES if name not in variants]
 
 
 def variant(v: str | Variant) -> Variant:
@@ -311,14 +317,14 @@ def relative_to(df, baseline: str = "Full Adapters", target_fraction: float = 0.
 
 # ---------------------------------------------------------------------- tables
 def accuracy_table(df, variants: list[str], index: list[str] | None = None,
-                   not_implemented: Iterable[str] = NOT_IMPLEMENTED):
+                   not_implemented: Iterable[str] | None = None):
     """Mean test accuracy (%) over seeds: one row per ``index`` cell, one column per variant,
     then a "not yet run" column for each baseline the project has not implemented."""
     index = index or ["model", "dataset", "partition"]
     table = (df.groupby(index + ["variant"])["accuracy"].mean().mul(100).round(2)
              .unstack("variant").reindex(columns=variants))
     table = table.astype(object)
-    for name in not_implemented:
+    for name in (missing_baselines() if not_implemented is None else not_implemented):
         table[name] = NOT_YET_RUN
     return table
 
