@@ -1,14 +1,26 @@
 # Two commands do everything on a fresh clone:
-#   make quickstart   set up .venv, fetch the assets, run notebooks/00_quickstart.ipynb -> reports/ + figures/
+#   make quickstart   set up .venv, fetch the assets, run notebooks/00_quickstart.ipynb at the README's size
+#                     -> reports/00_quickstart.html (records in results/quickstart/local/, PNGs in figures/quick/)
 #   make test         set up if needed, run the unit tests and nbval over notebooks/
+# Neither rewrites a tracked file nor leaves an untracked one: both compare `git status` before and after.
+SHELL := bash
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export MPLBACKEND := Agg
+# Notebook kernels draw figures inline: never hand them a non-interactive matplotlib backend.
+unexport MPLBACKEND
 
-.PHONY: setup assets quickstart test unit report lock
+.PHONY: setup assets quickstart reproduce-quickstart test unit report lab lock
 PROFILE ?= quick
+
+# $(call unchanged,COMMAND): run COMMAND, then fail if `git status` differs from before it
+# (a tracked file rewritten, an untracked file left behind). Runs write only to ignored places.
+unchanged = before="$$(git status --porcelain 2>/dev/null)"; $(1) || exit $$?; \
+	after="$$(git status --porcelain 2>/dev/null)"; \
+	if [ "$$before" != "$$after" ]; then \
+		echo "error: this run changed the clone (git status before < > after):"; \
+		diff <(echo "$$before") <(echo "$$after"); exit 1; fi
 
 setup:
 	@bash scripts/setup.sh
@@ -17,11 +29,12 @@ assets: setup
 	$(PY) -m chainfed_core.assets
 
 quickstart: assets
-	@mkdir -p reports figures
-	$(PY) -m papermill notebooks/00_quickstart.ipynb reports/00_quickstart.ipynb --cwd notebooks \
-		-p max_train 1000 -p max_test 500 -p rounds 6 -p tag full
-	$(PY) -m jupyter nbconvert --to html reports/00_quickstart.ipynb --output-dir reports
-	@echo "report: reports/00_quickstart.html"
+	@$(call unchanged,$(PY) scripts/run_batch.py --quickstart)
+
+# Rewrites the committed quickstart artefacts (results/quickstart/full/, figures/00_quickstart_*.png)
+# that the README quotes: run on purpose, from a clean checkout, and commit what it writes.
+reproduce-quickstart: assets
+	$(PY) scripts/run_batch.py --quickstart full
 
 # Every result notebook of a profile (quick | cpu-full | gpu-full) through papermill, then one
 # HTML report: make report PROFILE=cpu-full  ->  reports/report_cpu-full.html
@@ -31,10 +44,12 @@ report: assets
 unit: setup
 	$(PY) -m pytest tests -q
 
-
 test: setup
-	$(PY) -m pytest tests -q
-	$(PY) -m pytest --nbval-lax notebooks -q
+	@$(call unchanged,$(PY) -m pytest tests -q && $(PY) -m pytest --nbval-lax notebooks -q)
+
+# JupyterLab on the notebooks; as root (containers) it needs --allow-root.
+lab: setup
+	$(PY) -m jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # Re-resolve requirements.lock from requirements.in (needs the package registry).
 lock:

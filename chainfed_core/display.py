@@ -41,6 +41,7 @@ RUN_COLUMNS = {
     "comm_reduction": ("communication reduction (×)", 1),
 }
 HIDDEN_RUN_COLUMNS = ("curve", "run_id", "method")
+SHARED_LABELS = ("model", "dataset", "partition", "seed")     # said once in the caption when all runs share one
 
 
 def quiet_libraries() -> None:
@@ -119,7 +120,7 @@ def styled(df, columns: dict[str, str] | None = None, *, caption: str | None = N
     leaves ``df`` itself unchanged.
     """
     view = df.rename(columns=columns or {})
-    style = view.style.format(sig)
+    style = view.style.format(sig).set_table_styles([{"selector": "td", "props": "white-space: nowrap"}])
     if caption:
         style = style.set_caption(caption)
     if hide_index:
@@ -129,8 +130,12 @@ def styled(df, columns: dict[str, str] | None = None, *, caption: str | None = N
 
 def runs_table(df):
     """One row per run of a grid (:func:`chainfed_core.experiments.run_grid`), with units:
-    accuracy in %, bytes in MB, seconds; the test curve, run hash and method key left out."""
+    accuracy in %, bytes in MB, seconds; the test curve, run hash and method key left out,
+    and a label shared by every run (one model, one seed) said once, in the caption."""
     view = df.drop(columns=[c for c in HIDDEN_RUN_COLUMNS if c in df.columns])
+    shared = [c for c in SHARED_LABELS if c in view.columns and len(view) > 1 and view[c].nunique(dropna=False) == 1]
+    caption = ", ".join(f"{c} {view[c].iloc[0]}" for c in shared)
+    view = view.drop(columns=shared)
     headers = {}
     for column, (header, factor) in RUN_COLUMNS.items():
         if column not in view.columns:
@@ -141,7 +146,7 @@ def runs_table(df):
         if factor != 1:
             view[column] = view[column] * factor
         headers[column] = header
-    return styled(view, headers, hide_index=True)
+    return styled(view, headers, hide_index=True, caption=f"Every run: {caption}" if caption else None)
 
 
 def saved(path: str | Path, what: str = "read back by the tests and the report"):

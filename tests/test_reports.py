@@ -53,6 +53,14 @@ def test_runs_table_gives_units_and_hides_internals():
     assert page.count("peak memory (MB)") == 1     # the notebook's own column wins over the raw bytes
 
 
+def test_runs_table_says_a_label_every_run_shares_once():
+    df = pd.DataFrame({"variant": ["ChainFed", "LP"], "model": ["tiny", "tiny"], "seed": [0, 0],
+                       "partition": ["iid", "dirichlet"], "accuracy": [0.5, 0.6]})
+    page = display.runs_table(df).to_html()
+    assert "<caption>Every run: model tiny, seed 0</caption>" in page
+    assert ">model<" not in page and ">seed<" not in page and ">dirichlet<" in page
+
+
 def test_method_labels_come_from_the_registry():
     from chainfed_core.methods import get_method
 
