@@ -27,6 +27,7 @@ import base64
 import html
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,10 @@ QUICKSTART_TAGS = ["local", "full"]
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
+# A cell that prints nothing for this long (a slow round, a long evaluation) gets a line that says it still runs.
+HEARTBEAT_S = 30
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -55,24 +60,68 @@ def _clock(seconds: float) -> str:
 
 
 class CellProgress:
-    """nbclient hooks that tell the terminal which cell of which notebook runs, and for how long."""
+    """What the terminal is told while a notebook runs.
 
-    def __init__(self, name: str, code_cells: int):
-        self.name, self.code_cells, self.done = name, code_cells, 0
-        self.started = self.cell_started = time.perf_counter()
+    nbclient calls :meth:`start` and :meth:`finish` around each code cell: one line names the
+    notebook, the time since it started, the cell and its first line of code. The kernel's own
+    output passes through :meth:`stream` as it comes (progress bars included); if a cell stays
+    silent for ``HEARTBEAT_S`` seconds, a line says it is still running.
+    """
+
+    def __init__(self, name: str, code_cells: int, heartbeat_s: float = HEARTBEAT_S):
+        self.name, self.code_cells, self.done, self.heartbeat_s = name, code_cells, 0, heartbeat_s
+        self.started = self.cell_started = self.last_output = time.perf_counter()
+        self.running = False
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+
+    def __enter__(self) -> "CellProgress":
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join()
+
+    def _line(self, text: str) -> None:
+        _say(f"[{self.name} {_clock(time.perf_counter() - self.started)}] {text}")
+        self.last_output = time.perf_counter()
 
     def start(self, cell, cell_index: int, **_) -> None:
         self.done += 1
-        self.cell_started = time.perf_counter()
+        self.cell_started, self.running = time.perf_counter(), True
         lines = [s for s in cell.source.splitlines() if s.strip() and not s.lstrip().startswith("#")]
         first = (lines[0].strip() if lines else cell.source.strip().splitlines()[0])[:70]
-        _say(f"[{self.name} {_clock(self.cell_started - self.started)}] cell {self.done}/{self.code_cells}: {first}")
+        self._line(f"cell {self.done}/{self.code_cells}: {first}")
 
     def finish(self, cell, cell_index: int, **_) -> None:
+        self.running = False
         seconds = time.perf_counter() - self.cell_started
         if seconds >= 10:
-            _say(f"[{self.name} {_clock(time.perf_counter() - self.started)}] cell {self.done}/{self.code_cells} "
-                 f"took {_clock(seconds)}")
+            self._line(f"cell {self.done}/{self.code_cells} took {_clock(seconds)}")
+
+    def stream(self, terminal):
+        """A file-like object for papermill's ``stdout_file``/``stderr_file``: writes go to
+        ``terminal`` at once and count as output."""
+        progress = self
+
+        class Echo:
+            def write(self, text: str) -> None:
+                terminal.write(text)
+                terminal.flush()
+                progress.last_output = time.perf_counter()
+
+            def flush(self) -> None:
+                terminal.flush()
+
+        return Echo()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(1.0, self.heartbeat_s / 3)):
+            now = time.perf_counter()
+            if self.running and now - self.last_output >= self.heartbeat_s:
+                print(file=sys.stderr)      # off any progress bar's line
+                self._line(f"cell {self.done}/{self.code_cells} still running ({_clock(now - self.cell_started)})")
 
 
 def without_stderr(nb):
@@ -95,17 +144,17 @@ def execute(source: Path, target: Path, parameters: dict) -> dict:
 
     name = source.stem
     code_cells = sum(c.cell_type == "code" for c in nbformat.read(source, as_version=4).cells) + bool(parameters)
-    progress = CellProgress(name, code_cells)
     target.parent.mkdir(parents=True, exist_ok=True)
     error = None
-    try:
-        papermill.execute_notebook(source, target, parameters=parameters, cwd=str(REPO / "notebooks"),
-                                   progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
-                                   extra_arguments=KERNEL_ARGUMENTS,
-                                   on_cell_execute=progress.start, on_cell_executed=progress.finish)
-    except Exception as err:     # keep going: the report shows which artefact failed and why
-        lines = str(err).strip().splitlines()
-        error = f"{type(err).__name__}: {lines[-1] if lines else ''}"
+    with CellProgress(name, code_cells) as progress:
+        try:
+            papermill.execute_notebook(source, target, parameters=parameters, cwd=str(REPO / "notebooks"),
+                                       progress_bar=False, extra_arguments=KERNEL_ARGUMENTS,
+                                       stdout_file=progress.stream(sys.stdout), stderr_file=progress.stream(sys.stderr),
+                                       on_cell_execute=progress.start, on_cell_executed=progress.finish)
+        except Exception as err:     # keep going: the report shows which artefact failed and why
+            lines = str(err).strip().splitlines()
+            error = f"{type(err).__name__}: {lines[-1] if lines else ''}"
     seconds = time.perf_counter() - progress.started
     if target.exists():
         nbformat.write(without_stderr(nbformat.read(target, as_version=4)), target)

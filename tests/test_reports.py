@@ -4,6 +4,8 @@ figures, the report index, and provenance read once per process."""
 import importlib.util
 import math
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -85,6 +87,22 @@ def test_without_stderr_keeps_results_and_errors():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), cell])
     kept = [o.get("name", o.output_type) for o in _run_batch().without_stderr(nb).cells[1].outputs]
     assert kept == ["stdout", "display_data", "error"]
+
+
+def test_a_silent_cell_gets_a_line_that_it_still_runs(capsys):
+    batch = _run_batch()
+    cell = nbformat.v4.new_code_cell("# train\nrecords = run_everything()")
+    with batch.CellProgress("nb", code_cells=3, heartbeat_s=0.3) as progress:
+        progress.start(cell, 1)
+        time.sleep(1.6)
+        progress.finish(cell, 1)
+        progress.stream(sys.stderr).write("a progress bar\n")
+        time.sleep(0.5)                                  # no cell runs: no heartbeat
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[nb 0:00] cell 1/3: records = run_everything()"
+    beats = [line for line in lines if "still running" in line]
+    assert beats and beats[0].endswith("cell 1/3 still running (0:00)") and len(beats) <= 6
+    assert lines[-1] == "a progress bar"
 
 
 def test_code_version_is_read_once_at_import(monkeypatch):
