@@ -55,7 +55,9 @@ class LocalClients:
         self.config, self.backbone, self.population, self.pad_id = config, backbone, population, pad_id
         self.method = server.method
         self.server = server
-        self.everything = tensors_by_name(backbone, server.state["global"])     # looked up once
+        # the model tensors among the global state, looked up once (a method whose global state
+        # is not the model's tensors has none: its load_state rebuilds the model)
+        self.everything = tensors_by_name(backbone, server.window_names(server.method.widest_plan()))
 
     def profile(self, clients: list[int], state: dict) -> list[tuple[list[float], int]]:
         set_state(self.backbone, state)
@@ -64,7 +66,7 @@ class LocalClients:
                 for c in clients]
 
     def train(self, round_index: int, jobs: list[Job], state: dict):
-        set_state(self.backbone, state, self.everything)
+        self.method.load_state(self.backbone, state, self.everything)
         targets, previous = {}, None                       # per distinct plan: its window's tensors
         for job in jobs:
             if job.plan not in targets:
@@ -140,7 +142,7 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     status = "complete"
     gc.freeze()      # the model, data and libraries live all run: keep them out of every full collection
     try:
-        run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id),
+        run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id, server.method),
                    checkpoints=checkpoints, progress=progress, started=started,
                    max_failed_rounds=max_failed_rounds)
     except AllClientsFailed:

@@ -81,7 +81,7 @@ def client_update(backbone: Backbone, config: RunConfig, method, dataset, plan: 
     """
     if injected_failure(config.seed, round_index, client_id, config.fed.failure_rate):
         raise InjectedFailure(f"injected failure (rate {config.fed.failure_rate})")
-    set_state(backbone, state, targets)
+    method.load_state(backbone, state, targets)
     seed = client_seed(config.seed, round_index, client_id) if seed is None else seed
     seed_generators(seed)
     return method.client_update(backbone, dataset, plan, seed=seed, pad_id=pad_id)
@@ -94,14 +94,19 @@ def client_profile(backbone: Backbone, config: RunConfig, dataset, pad_id: int =
     return foat.profile_client(backbone, batch)
 
 
-def evaluator(backbone: Backbone, test, pad_id: int = 0) -> Callable[[dict], dict]:
-    """``evaluate(global_state) -> metrics`` of the global model on the held-out ``test`` split."""
+def evaluator(backbone: Backbone, test, pad_id: int = 0, method=None) -> Callable[[dict], dict]:
+    """``evaluate(global_state) -> metrics`` of the global model on the held-out ``test`` split.
+    ``method``: the run's method, which puts a global state into the model (``Method.load_state``);
+    without it the state's tensors are copied in."""
     tensors: dict = {}
 
     def evaluate(state: dict) -> dict:
-        if not tensors:
-            tensors.update(tensors_by_name(backbone, state))      # looked up once
-        set_state(backbone, state, tensors)
+        if method is not None:
+            method.load_state(backbone, state)
+        else:
+            if not tensors:
+                tensors.update(tensors_by_name(backbone, state))      # looked up once
+            set_state(backbone, state, tensors)
         return evaluate_model(backbone, test, pad_id=pad_id)
     return evaluate
 

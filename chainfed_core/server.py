@@ -22,7 +22,7 @@ from .config import RunConfig
 from .methods import get_method
 from .population import LARGEST_DEVICE_GB
 from .seeding import FOAT, sample_clients
-from .train import get_state, trainable_names
+from .train import trainable_names
 
 
 class Server:
@@ -52,7 +52,7 @@ class Server:
         self.eligible = self._eligible(capacity)
         self.state: dict[str, Any] = {
             "round": 0, "start_layer": self.method.initial_start_layer(), "foat_scores": None,
-            "global": get_state(backbone, self.method.exchanged_names(backbone)),
+            "global": self.method.initial_state(backbone),
             "versions": {}, "last_sync": np.full(len(capacity), -1, dtype=np.int64), "history": [],
             "method": self.method.state,
         }

@@ -18,7 +18,7 @@ from ..methods import get_method
 from ..population import Population, device_capacity_gb
 from ..rounds import client_profile, client_update
 from ..task import build_task
-from ..train import get_state, set_state
+from ..train import set_state
 from .transport import from_record, plan_from, to_record
 
 app = ClientApp()
@@ -37,7 +37,7 @@ def _worker(config_json: str, context: Context):
         task = build_task(cfg)
         backbone = task.make_backbone()
         method = get_method(cfg.method)(cfg, backbone.num_layers, backbone.family)
-        _INITIAL[config_json] = get_state(backbone, method.exchanged_names(backbone))
+        _INITIAL[config_json] = method.initial_state(backbone)
         _WORKERS[config_json] = (cfg, task, backbone, method, Population(cfg, task.train))
     cfg, task, backbone, method, pop = _WORKERS[config_json]
     cid = int(context.node_config["partition-id"])

@@ -45,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).unlink(missing_ok=True)
     try:
-        run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id), checkpoints=checkpoints,
+        run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id, server.method), checkpoints=checkpoints,
                    started=started)
     finally:
         if checkpoints is not None:

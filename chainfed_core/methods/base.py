@@ -5,7 +5,8 @@ baselines). In one place it says:
 
 - its own hyper-parameters (``Options``, a config section; ChainFed's is ``RunConfig.chain``),
 - which layers are frozen / training / idle at round r (:meth:`Method.plan_at`, :meth:`Method.plan`),
-- what it exchanges (:meth:`Method.exchanged_names`: every tensor it trains at some round),
+- what it exchanges (:meth:`Method.exchanged_names`: every tensor it trains at some round), and
+  how a global state reaches the model (:meth:`Method.initial_state`, :meth:`Method.load_state`),
 - the client update (:meth:`Method.client_update`; by default the shared loop ``train.train_local``),
 - the server's aggregation (:meth:`Method.aggregate`; FedAvg by default),
 - its peak memory on a device (:meth:`Method.peak_bytes`), which decides who may take part.
@@ -128,6 +129,20 @@ class Method:
         """Every tensor the method can train at some round: the global state the server keeps."""
         from ..train import trainable_names
         return trainable_names(backbone, self.widest_plan())
+
+    def initial_state(self, backbone: "Backbone") -> dict[str, "torch.Tensor"]:
+        """The global state at round 0, read from a freshly built, seeded backbone; every
+        party (server, Flower node) builds it itself. Default: copies of the exchanged tensors."""
+        from ..train import get_state
+        return get_state(backbone, self.exchanged_names(backbone))
+
+    def load_state(self, backbone: "Backbone", state: dict[str, "torch.Tensor"],
+                   tensors: dict[str, "torch.Tensor"] | None = None) -> None:
+        """Put (part of) a global state into the backbone. Default: copy its tensors in
+        (``tensors``: their ``tensors_by_name``, if known). A method whose global state is not
+        the model's own tensors (FedKSeed's seed scalars) rebuilds the model from it here."""
+        from ..train import set_state
+        set_state(backbone, state, tensors)
 
     # -- the chain (ChainFed overrides these)
     def initial_start_layer(self) -> int | None:
