@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from chainfed_core.config import RunConfig
-from chainfed_core.federated import load_final_state, run
+from chainfed_core.checkpoint import load_final_state
+from chainfed_core.federated import run
 from chainfed_core.records import RECORD_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
