@@ -129,6 +129,7 @@ class Server:
         """The method's aggregation of the updates (in client order), merged into the global state."""
         if not updates or not any(state for state, _ in updates):
             return {}
+        self.method.global_state = self.state["global"]      # what FedSGD-style methods step from
         avg = self.method.aggregate(updates, round_index=round_index, clients=clients)
         self.state["global"] = merge(self.state["global"], avg)
         for n in avg:

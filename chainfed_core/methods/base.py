@@ -91,6 +91,9 @@ class Method:
         # What the method's server side keeps between rounds (search state, seed pools, ...):
         # plain picklable values, checkpointed with the server so a restart resumes bitwise.
         self.state: dict[str, Any] = {}
+        # The server's global tensors before the round being aggregated (set by the server just
+        # before :meth:`aggregate`; read-only): methods whose clients send gradients step from it.
+        self.global_state: dict[str, "torch.Tensor"] = {}
 
     # -- what trains when
     @classmethod
