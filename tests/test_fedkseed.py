@@ -1,10 +1,9 @@
 """FedKSeed: seeds, the bitwise replay, the counted bytes, the server's pool, Pro's probabilities,
 the simulator, the Flower apps, resume after kill -9 and the memory estimate."""
 
-import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from chainfed_core.train import tensors_by_name
 
 from test_methods import run_flower_in_process
 
-ROOT = Path(__file__).resolve().parent.parent
 K, TAU = 64, 8
 
 
@@ -182,7 +180,7 @@ def test_the_server_adds_weighted_scalars_at_each_clients_seeds():
 
 # ---------------------------------------------------------------- runtimes
 def test_runs_in_the_simulator_and_only_the_scalars_travel(tmp_path):
-    record = run(config(pro=True), tmp_path, progress=False)
+    record = run(config(pro=True, rounds=2), tmp_path, progress=False)
     last_sync = {}
     for m in record["history"]:
         assert m["bytes_up"] == 4 * TAU * len(m["trained"])
@@ -192,12 +190,12 @@ def test_runs_in_the_simulator_and_only_the_scalars_travel(tmp_path):
         assert np.isfinite(m["test_loss"])
     final = load_final_state(tmp_path)
     assert sorted(final) == [POOL, PROBABILITIES]
-    assert 0 < int((final[POOL] != 0).sum()) <= 3 * 2 * TAU
+    assert 0 < int((final[POOL] != 0).sum()) <= 2 * 2 * TAU
     assert not torch.equal(final[PROBABILITIES], torch.full((K,), 1 / K))
 
 
 def test_runs_on_the_flower_apps_like_the_simulator_bitwise(tmp_path):
-    cfg = config(pro=True)
+    cfg = config(pro=True, rounds=2)
     sim = run(cfg, tmp_path / "sim", progress=False)
     flower = run_flower_in_process(cfg, tmp_path / "flower")
     a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
@@ -205,28 +203,31 @@ def test_runs_on_the_flower_apps_like_the_simulator_bitwise(tmp_path):
     assert without_timing(flower["history"]) == without_timing(sim["history"])
 
 
+def _run_quietly(cfg: RunConfig, out: Path) -> None:
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+    torch.set_num_threads(1)           # the parent's OpenMP pool does not survive the fork
+    run(cfg, out, progress=False)
+
+
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
-    cfg = config(rounds=8, eval_every=4)
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    """The run is a forked copy of this process (no second start-up of torch), killed with
+    SIGKILL after two rounds; the restart resumes from its checkpoint."""
+    cfg = config(rounds=4, eval_every=2)
     reference = run(cfg, tmp_path / "ref", progress=False)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "chainfed_core.federated", "--config", str(cfg_file), "--out", str(out),
-           "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
+    proc.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.is_alive():
         metrics = out / METRICS_FILE
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    assert proc.is_alive(), "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
     assert not (out / RECORD_FILE).exists()
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resumed = json.loads((out / RECORD_FILE).read_text())
+    resumed = run(cfg, out, progress=False)
     assert without_timing(resumed["history"]) == without_timing(reference["history"])
     a, b = load_final_state(out), load_final_state(tmp_path / "ref")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
