@@ -214,6 +214,9 @@ class FedKSeed(Method):
         self._restore(backbone, state[POOL].numpy())
 
     def _restore(self, backbone, pool: np.ndarray | None = None) -> list:
+        """Put θ(G) into the backbone, G = ``pool`` or (None) the pool last loaded (θ0 before
+        any); rebuilt from θ0 when G is new, else copied from the last rebuild. Returns the
+        tuned tensors in order."""
         import torch
         from ..aggregation import pack
         from ..train import tensors_by_name
@@ -221,12 +224,11 @@ class FedKSeed(Method):
         if self._initial is None:
             raise RuntimeError("FedKSeed: initial_state must read θ0 from a fresh backbone first")
         params = list(tensors_by_name(backbone, self._initial).values())
-        if pool is None:                 # the model last loaded (θ0 before any)
-            pool = np.zeros(len(self.seeds), np.float32) if self._built is None else None
-        key = pool.tobytes() if pool is not None else self._built[0]
-        if self._built is None or self._built[0] != key:
+        if pool is None and self._built is None:
+            pool = np.zeros(len(self.seeds), np.float32)
+        if pool is not None and (self._built is None or self._built[0] != pool.tobytes()):
             rebuild(params, list(self._initial.values()), self.seeds, pool, self.options.lr)
-            self._built = (key, pack(dict(zip(self._initial, params))))
+            self._built = (pool.tobytes(), pack(dict(zip(self._initial, params))))
         else:
             with torch.no_grad():
                 torch._foreach_copy_(params, list(self._built[1].values()))
@@ -315,11 +317,12 @@ class FedKSeed(Method):
     def peak_bytes(cls, hf_config, window, *, batch_size, seq_len, bottleneck, optimizer, dtype):
         """Inference only: the weights (layers and head as trainable) and the larger of one
         forward's activations and the largest tuned tensor's transient z."""
-        from ..memory_model import MemoryEstimate, _BYTES, part_sizes, peak_training_bytes
+        import torch
+        from ..memory_model import MemoryEstimate, part_sizes, peak_training_bytes
         from ..model_parts import build_model, hf_config as as_hf_config
 
         forward = peak_training_bytes(hf_config, "no_ft", 1, batch_size, seq_len, dtype)
-        sizes, wb = part_sizes(hf_config), _BYTES[dtype]
+        sizes, wb = part_sizes(hf_config), torch.finfo(getattr(torch, dtype)).bits // 8
         head = 0 if hf_config.model_type == "llama" else sizes["head"] * 4    # an LM head stays frozen
         tuned = sizes["num_layers"] * sizes["layer"] * wb + head
         largest_z = _largest_layer_tensor(as_hf_config(hf_config), build_model) * wb
