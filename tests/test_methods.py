@@ -1,8 +1,10 @@
-"""The method registry: the built-in methods, and a toy method registered here that runs
-through the simulator and the Flower ServerApp/ClientApp (in process) without touching the core."""
+"""The method registry: the built-in methods, and the README's example method (registered from
+the README's own code block) run through the simulator and the Flower ServerApp/ClientApp (in
+process) without touching the core."""
 
 import json
-from dataclasses import dataclass
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +12,8 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from chainfed_core import experiments as ex
-from chainfed_core.aggregation import fedavg_by_tensor
 from chainfed_core.checkpoint import load_final_state
-from chainfed_core.config import RunConfig, Config, option
+from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.methods import Method, get_method, method_names, plan_for, register, unregister
 from chainfed_core.records import RECORD_FILE
@@ -21,43 +22,27 @@ from chainfed_core.schedule import TrainPlan
 from chainfed_core.train import get_state
 
 
-# ---------------------------------------------------------------- a toy method, one small class
-@dataclass
-class TopOptions(Config):
-    top: int = option("How many of the top layers train their adapters.", 1)
+# ---------------------------------------------------------------- a toy method: the README's example
+ROOT = Path(__file__).resolve().parent.parent
 
 
-class TopAdapters(Method):
-    """Adapters of the top ``top`` layers and the head; clients with odd ids train only the top
-    layer's. Each tensor is averaged over the clients that trained it, without example weights."""
-    name, label, adapters, Options = "toy_top", "Top adapters (toy)", True, TopOptions
-    variants = {"Top adapters": {"method_options": {"top": 2}}}
-
-    def plan(self, round_index, start_layer, window) -> TrainPlan:
-        L, k = self.num_layers, self.options.top
-        return TrainPlan(range(0, L - k), range(L - k, L), range(L, L))
-
-    def client_plan(self, round_index, client, plan, capacity_bytes) -> TrainPlan:
-        L = self.num_layers
-        return plan if client % 2 == 0 else TrainPlan(range(0, L - 1), range(L - 1, L), range(L, L))
-
-    def widest_plan(self) -> TrainPlan:
-        return self.plan(0, 0, 1)
-
-    def aggregate(self, updates, *, round_index=0, clients=None):
-        return fedavg_by_tensor([(state, 1) for state, _ in updates])
+def readme_method_source() -> str:
+    """The code block of the README's "Adding a method" section, as a user would save it."""
+    section = (ROOT / "README.md").read_text().split("## Adding a method", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.fixture
 def toy():
-    register(TopAdapters)
-    yield TopAdapters
-    unregister(TopAdapters.name)
+    module = types.ModuleType("top_adapters")
+    exec(compile(readme_method_source(), "README.md", "exec"), module.__dict__)     # registers it
+    yield module.TopAdapters
+    unregister(module.TopAdapters.name)
 
 
 def toy_config(**fed) -> RunConfig:
     return RunConfig.from_dict({
-        "method": "toy_top", "method_options": {"top": 2}, "seed": 4, "model": {"name": "tiny-bert"},
+        "method": "top_adapters", "method_options": {"top": 2}, "seed": 4, "model": {"name": "tiny-bert"},
         "adapter": {"bottleneck": 4},
         "data": {"dataset": "synthetic", "num_clients": 3, "max_train_examples": 60, "max_test_examples": 16},
         "fed": {"rounds": 2, "clients_per_round": 2, "eval_every": 1, "memory_aware": False, **fed}})
@@ -88,7 +73,7 @@ def test_plans_of_the_builtin_methods():
 
 def test_a_toy_method_runs_in_the_simulator(toy, tmp_path):
     cfg = toy_config()
-    assert ex.variant("Top adapters").overrides == {"method_options": {"top": 2}}
+    assert ex.variant("Top-2 adapters").overrides == {"method_options": {"top": 2}}
     record = run(cfg, tmp_path, progress=False)
     hidden, r, labels = 32, 4, 3
     adapter = 2 * hidden * r + hidden + r
