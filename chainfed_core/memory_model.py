@@ -5,6 +5,15 @@ measures, by its categories, for shapes that cannot run here (LLaMA2-7B/13B): th
 weights from the parts' exact element counts (:func:`part_sizes`), the activations from
 what autograd saves per token and layer. :func:`client_peak_bytes` applies it to a
 federated client as deployed (memory-aware selection, result tables).
+
+What :func:`peak_training_bytes` assumes: the first trained layer of the adapter methods
+saves only its adapter's activations because its input needs no gradient; under FFT every
+layer saves its inputs for its weight gradients. A causal LM's head (final norm and LM head)
+is frozen, so linear probing a LLaMA trains nothing and its peak is the weights. The
+gradients of a step are freed only after the next step's forward, so gradients, optimizer
+state and activations are live together. The model covers tensor bytes, as
+:class:`~chainfed_core.memory_meter.MemoryMeter` counts them; the process adds the runtime
+and allocator slack (:func:`~chainfed_core.rss.measure_rss`).
 """
 
 from __future__ import annotations
@@ -140,14 +149,7 @@ def peak_training_bytes(model_config_like, method: str,
         window_start: first layer of the window; the default 0 leaves the most later
             adapters to GPO's global branch (the largest chainfed peak).
 
-    The first trained layer of the adapter methods saves only its adapter's activations
-    because its input needs no gradient; under FFT every layer saves its inputs for its
-    weight gradients. A causal LM's head (final norm and LM head) is frozen, so linear
-    probing a LLaMA trains nothing and its peak is the weights. The gradients of a step are
-    freed only after the next step's forward, so gradients, optimizer state and activations
-    are live together. The model covers tensor bytes, as
-    :class:`~chainfed_core.memory_meter.MemoryMeter` counts them; the process adds the runtime
-    and allocator slack (:func:`~chainfed_core.rss.measure_rss`).
+    What the estimate assumes is in the module docstring.
     """
     if method not in STEP_KINDS:
         raise ValueError(f"method: {method!r} is not one of {list(STEP_KINDS)}")
