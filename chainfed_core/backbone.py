@@ -30,6 +30,7 @@ from .adapter import Adapter, inject_adapters, get_adapters
 from .config import FAMILIES, POOLINGS, AdapterConfig, ModelConfig
 
 IGNORE_INDEX = -100
+METHOD_MODULES_ATTR = "chainfed_modules"     # modules a method adds (Backbone.add_method_module)
 
 
 class Residency(Protocol):
@@ -120,6 +121,22 @@ class Backbone:
     @property
     def adapters(self) -> nn.ModuleDict:
         return get_adapters(self.model)
+
+    def add_method_module(self, key: str, module: nn.Module) -> nn.Module:
+        """Give the model a module a method trains besides adapters and head (C2A's
+        hypernetwork): it moves with the model and is exchanged as ``modules.<key>.<param>``."""
+        if not hasattr(self.model, METHOD_MODULES_ATTR):
+            self.model.add_module(METHOD_MODULES_ATTR, nn.ModuleDict())
+        modules = getattr(self.model, METHOD_MODULES_ATTR)
+        if key in modules:
+            raise ValueError(f"model already has a method module {key!r}")
+        modules[key] = module.to(next(self.model.parameters()).device)
+        return module
+
+    @property
+    def method_modules(self) -> nn.ModuleDict:
+        """The modules of :meth:`add_method_module`, by key (empty if none)."""
+        return getattr(self.model, METHOD_MODULES_ATTR, nn.ModuleDict())
 
     def adapter(self, index: int) -> Adapter | None:
         adapters = getattr(self.model, "chainfed_adapters", None)

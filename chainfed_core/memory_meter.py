@@ -57,8 +57,8 @@ class MemoryMeter(TorchDispatchMode):
     """Exact peak tensor bytes of a block, with a breakdown by category.
 
     ``with MemoryMeter(backbone) as meter: train_local(...)``, then ``meter.report()``.
-    Tensors alive on entry count only if registered: the backbone's weights (adapters and
-    head as ``trainable``, the rest as ``frozen_weights``) and ``extra`` tensors by
+    Tensors alive on entry count only if registered: the backbone's weights (adapters, head
+    and a method's modules as ``trainable``, the rest as ``frozen_weights``) and ``extra`` tensors by
     category (for example the activation cache's entries). Storages allocated inside the
     block count as the tag of :func:`tagged`, else ``activations``; after each optimizer
     step its state and the gradients it used are reclassified.
@@ -100,7 +100,7 @@ class MemoryMeter(TorchDispatchMode):
                 for p in adapters.parameters():
                     trainable.add(id(p))
                     self._see(p, "trainable")
-            for p in self.backbone.head_parameters().values():
+            for p in [*self.backbone.head_parameters().values(), *self.backbone.method_modules.parameters()]:
                 trainable.add(id(p))
                 self._see(p, "trainable")
             for t in list(self.backbone.model.parameters()) + list(self.backbone.model.buffers()):

@@ -7,7 +7,9 @@ the same loop, :func:`train_local`; e.g. ChainFed trains [p, p+W) after a frozen
 with GPO weight lambda, Full Adapters every adapter end to end, linear probing the head.
 
 Only the tensors a plan trains are exchanged, as a plain ``dict[str, Tensor]`` with keys
-``adapters.<i>.<param>``, ``head.<module>.<param>`` and (FFT) ``layers.<i>.<param>``.
+``adapters.<i>.<param>``, ``head.<module>.<param>``, (FFT) ``layers.<i>.<param>`` and
+``modules.<key>.<param>`` (a module a method adds, ``Backbone.add_method_module``: C2A's
+hypernetwork, which trains whenever the plan trains adapters).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def named_tensors(backbone: Backbone) -> dict[str, nn.Parameter]:
     adapters = getattr(backbone.model, "chainfed_adapters", None)
     if adapters is not None:
         named.update({f"adapters.{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()})
+    named.update(module_parameters(backbone))
     named.update(backbone.head_parameters())
     named.update({f"layers.{i}.{n}": p for i, layer in enumerate(backbone.layers)
                   for n, p in layer.named_parameters()})
@@ -56,6 +59,8 @@ def tensors_by_name(backbone: Backbone, names: Iterable[str]) -> dict[str, nn.Pa
                     owners[key] = dict(backbone.layers[int(index)].named_parameters())
                 elif kind == "head":
                     owners[key] = backbone.head_parameters()
+                elif kind == "modules":
+                    owners[key] = dict(backbone.method_modules[index].named_parameters())
                 else:
                     raise KeyError(kind)
             found[name] = owners[key][name if kind == "head" else param]
@@ -72,11 +77,18 @@ def adapter_names(backbone: Backbone, indices: Iterable[int]) -> list[str]:
             for n, _ in backbone.adapter(i).named_parameters()]
 
 
+def module_parameters(backbone: Backbone) -> dict[str, nn.Parameter]:
+    """The parameters of the modules a method added (``Backbone.add_method_module``), by exchange name."""
+    return {f"modules.{k}.{n}": p for k, m in backbone.method_modules.items() for n, p in m.named_parameters()}
+
+
 def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
     if plan.train_base:
         names = [f"layers.{i}.{n}" for i in plan.training for n, _ in backbone.layers[i].named_parameters()]
     else:
         names = adapter_names(backbone, plan.training)
+        if len(plan.training):          # a method's own modules (a hypernetwork) train with the adapters
+            names += list(module_parameters(backbone))
     if plan.train_head:
         names += list(backbone.head_parameters())
     return names
