@@ -138,13 +138,11 @@ def run_round(server: Server, transport: Transport, round_index: int,
     plan = server.plan(r)
     clients = server.round_clients(r)
     seeds = client_seed(cfg.seed, r, np.asarray(clients)).tolist()
-    jobs, bytes_down, bytes_ctx, window_bytes = [], 0, 0, {}
+    jobs, bytes_down, bytes_ctx = [], 0, 0
     for c, seed in zip(clients, seeds):
         own = server.client_plan(r, c, plan)
         window, context = server.downlink(r, c, own)
-        if own not in window_bytes:
-            window_bytes[own] = state_bytes(window)
-        bytes_down += window_bytes[own]
+        bytes_down += state_bytes(window)        # the method's choice, client by client
         bytes_ctx += state_bytes(context)
         jobs.append(Job(c, own, window, context, seed))
     clients_started = time.perf_counter()

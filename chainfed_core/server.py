@@ -117,9 +117,11 @@ class Server:
         return {n: g[n] for n in self.window_names(plan)}
 
     def downlink(self, round_index: int, client_id: int, plan) -> tuple[dict, dict]:
-        """(window tensors, context tensors the client has not seen since its last round)."""
+        """(window tensors, context tensors the client has not seen since its last round); the
+        window is the method's choice (:meth:`~chainfed_core.methods.Method.client_window`)."""
         g = self.state["global"]
-        window = self.window_state(plan)
+        self.method.global_state = g
+        window = self.method.client_window(round_index, client_id, plan, self.window_state(plan))
         last_sync = self.state["last_sync"]
         context = stale_names(self._split(plan)[1], self.state["versions"], int(last_sync[client_id]))
         last_sync[client_id] = round_index

@@ -91,8 +91,9 @@ class Method:
         # What the method's server side keeps between rounds (search state, seed pools, ...):
         # plain picklable values, checkpointed with the server so a restart resumes bitwise.
         self.state: dict[str, Any] = {}
-        # The server's global tensors before the round being aggregated (set by the server just
-        # before :meth:`aggregate`; read-only): methods whose clients send gradients step from it.
+        # The server's global tensors of the round in progress (set by the server before its
+        # downlinks and before :meth:`aggregate`; read-only): methods whose clients send
+        # gradients step from it.
         self.global_state: dict[str, "torch.Tensor"] = {}
 
     # -- what trains when
@@ -118,6 +119,14 @@ class Method:
         clients different layers (by their memory, or at random) override it; the server sends
         each client its own plan, and the round counts each client's bytes by it."""
         return plan
+
+    def client_window(self, round_index: int, client: int, plan: TrainPlan,
+                      window: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        """What ``client`` is sent to train ``plan`` (default: ``window``, the global values of
+        the plan's tensors). A method that keeps several versions of what it trains on the
+        server (FedAdapter's trial groups) sends each client its own; the round counts each
+        client's bytes by what this returns."""
+        return window
 
     # -- the model
     def prepare(self, backbone: "Backbone") -> None:
