@@ -82,14 +82,23 @@ class TrainPlan:
     """What one client's step does with each layer: ``frozen`` layers run forward only,
     ``training`` layers train (their adapters, or with ``train_base`` their own weights),
     ``idle`` layers are not run (GPO's global branch passes through their adapters with
-    weight ``lam``). Each method says its plan at round r (``chainfed_core.methods``)."""
+    weight ``lam``). Each method says its plan at round r (``chainfed_core.methods``).
+
+    ``training`` may also be a tuple of layer indices in increasing order (a sub-model,
+    FedRA): layers in none of the three are absent, neither run nor sent. ``lora_rank`` r >= 1:
+    the training layers' LoRA of rank r trains instead of their adapters (``chainfed_core.lora``)."""
     frozen: range
-    training: range
+    training: range | tuple[int, ...]
     idle: range
     lam: float = 0.0
     train_head: bool = True
     train_base: bool = False
+    lora_rank: int = 0
 
     @property
     def trains_anything(self) -> bool:
         return self.train_head or len(self.training) > 0
+
+    def absent(self, num_layers: int) -> frozenset[int]:
+        """Layers in none of frozen, training and idle: not part of this client's model."""
+        return frozenset(range(num_layers)).difference(self.frozen, self.training, self.idle)

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .methods import get_method
 from .population import LARGEST_DEVICE_GB
 from .seeding import FOAT, sample_clients
-from .train import trainable_names
+from .train import layer_of, trainable_names
 
 
 class Server:
@@ -105,11 +105,13 @@ class Server:
         return self._split(plan)[0]
 
     def _split(self, plan) -> tuple[list[str], list[str]]:
-        """(the plan's window, the other global tensors), computed once per distinct plan."""
+        """(the plan's window, the other global tensors of layers the plan runs or of no layer),
+        computed once per distinct plan."""
         if plan not in self._names:
             names = [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
-            chosen = set(names)
-            self._names[plan] = (names, [n for n in self.state["global"] if n not in chosen])
+            chosen, absent = set(names), plan.absent(self.num_layers)    # absent layers: not the client's
+            self._names[plan] = (names, [n for n in self.state["global"]
+                                         if n not in chosen and layer_of(n) not in absent])
         return self._names[plan]
 
     def window_state(self, plan) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from .aggregation import pack
 from .backbone import Backbone, LayerContext
 from .config import TrainConfig
 from .gpo import gpo_loss
+from .lora import lora_names
 from .schedule import TrainPlan
 
 
@@ -82,9 +83,17 @@ def module_parameters(backbone: Backbone) -> dict[str, nn.Parameter]:
     return {f"modules.{k}.{n}": p for k, m in backbone.method_modules.items() for n, p in m.named_parameters()}
 
 
+def layer_of(name: str) -> int | None:
+    """The layer an exchange name belongs to (``layers.<i>.``, ``adapters.<i>.``); None for the head."""
+    kind, _, rest = name.partition(".")
+    return int(rest.partition(".")[0]) if kind in ("layers", "adapters") else None
+
+
 def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
     if plan.train_base:
         names = [f"layers.{i}.{n}" for i in plan.training for n, _ in backbone.layers[i].named_parameters()]
+    elif plan.lora_rank:
+        names = lora_names(backbone, plan.training)
     else:
         names = adapter_names(backbone, plan.training)
         if len(plan.training):          # a method's own modules (a hypernetwork) train with the adapters

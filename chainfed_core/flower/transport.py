@@ -33,17 +33,21 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def plan_record(plan: TrainPlan) -> dict:
-    """A plan as ConfigRecord values (ranges as [start, stop])."""
+    """A plan as ConfigRecord values (ranges as [start, stop]; a sub-model's layers as their list)."""
     span = lambda r: [r.start, r.stop]  # noqa: E731
-    return {"frozen": span(plan.frozen), "training": span(plan.training), "idle": span(plan.idle),
-            "lam": float(plan.lam), "train-head": plan.train_head, "train-base": plan.train_base}
+    sub_model = not isinstance(plan.training, range)
+    return {"frozen": span(plan.frozen), "training": list(plan.training) if sub_model else span(plan.training),
+            "sub-model": sub_model, "idle": span(plan.idle), "lam": float(plan.lam), "train-head": plan.train_head,
+            "train-base": plan.train_base, "lora-rank": plan.lora_rank}
 
 
 def plan_from(config) -> TrainPlan:
     """The plan a TRAIN message carries (:func:`plan_record`)."""
     span = lambda key: range(*[int(x) for x in config[key]])  # noqa: E731
-    return TrainPlan(span("frozen"), span("training"), span("idle"), lam=float(config["lam"]),
-                     train_head=bool(config["train-head"]), train_base=bool(config["train-base"]))
+    training = tuple(int(i) for i in config["training"]) if config["sub-model"] else span("training")
+    return TrainPlan(span("frozen"), training, span("idle"), lam=float(config["lam"]),
+                     train_head=bool(config["train-head"]), train_base=bool(config["train-base"]),
+                     lora_rank=int(config["lora-rank"]))
 
 
 class RemoteError(RuntimeError):
