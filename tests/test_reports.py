@@ -3,6 +3,7 @@ figures, the report index, and provenance read once per process."""
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 import time
@@ -131,7 +132,8 @@ def test_executed_report_has_its_figures_and_no_stderr(tmp_path, monkeypatch, ca
     page = (tmp_path / f"{name}.html").read_text()
     assert "<img" in page and "test accuracy (%)" in page
     terminal = capfd.readouterr().err
-    assert f"[{name} 0:00] cell 1/" in terminal and "grid (" in terminal and f"[{name}] done" in terminal
+    assert re.search(rf"\[{name} \d+:\d\d\] cell 1/", terminal)        # the clock depends on the machine's load
+    assert "grid (" in terminal and f"[{name}] done" in terminal
 
     index = batch.write_index([result], "quick", tmp_path, index=tmp_path / "report_quick.html").read_text()
     assert "Table 4" in index and f"{name}.html" in index and "Not yet transcribed from the paper" in index
