@@ -102,7 +102,7 @@ def test_a_silent_cell_gets_a_line_that_it_still_runs(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "[nb 0:00] cell 1/3: records = run_everything()"
     beats = [line for line in lines if "still running" in line]
-    assert beats and beats[0].endswith("cell 1/3 still running (0:00)") and len(beats) <= 6
+    assert beats and re.search(r"cell 1/3 still running \(0:0\d\)$", beats[0]) and len(beats) <= 6
     assert lines[-1] == "a progress bar"
 
 
