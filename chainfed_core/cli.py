@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: RunConfig, out: Path, *, progress: bool, debug: bool) -> int:
+    from .display import quiet_libraries
+    quiet_libraries()                            # no transformers load report or loading bars in a terminal run
     from .federated import RunFolderLocked, run  # after the checks: this loads torch and transformers
     from .rounds import AllClientsFailed
 

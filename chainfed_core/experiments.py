@@ -228,7 +228,7 @@ def run_grid(runs: list[Run], root: str | Path, *, progress: bool = True, runner
     rows = []
     for run in bar:
         bar.set_postfix_str(f"{run.variant} | {run.model} {run.dataset} {run.partition} s{run.seed}")
-        rows.append(summarise(run, ensure_run(run.config, root, runner=runner)))
+        rows.append(summarise(run, ensure_run(run.config, root, runner=runner, progress=progress)))
     return pd.DataFrame(rows)
 
 

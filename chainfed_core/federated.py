@@ -19,6 +19,7 @@ runs it from the shell (:mod:`chainfed_core.cli`).
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,8 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     pop = Population(cfg, task.train)
     server = Server(cfg, backbone, pop.capacity_gb, seq_len(task.train))
     _open(out, server)
+    if server.state["round"] >= cfg.fed.rounds and (out / RECORD_FILE).exists():
+        return json.loads((out / RECORD_FILE).read_text())     # finished already: its record stands as written
     clients = LocalClients(cfg, backbone, pop, server, task.pad_id)
     checkpoints = Checkpointer(out)
     status = "complete"

