@@ -1,19 +1,13 @@
 """C2A: the hypernetwork's parts, clients' different adapters from one hypernetwork, what travels,
 the memory estimate against the meter, bad configs, the simulator, Flower and kill -9."""
 
-import multiprocessing
-import os
-import signal
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from chainfed_core import experiments as ex
-from chainfed_core.checkpoint import METRICS_FILE, load_final_state
+from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.memory_meter import MemoryMeter
@@ -21,21 +15,14 @@ from chainfed_core.methods import c2a, get_method
 from chainfed_core.methods.c2a import (MODULE, adapt, context_summary, generate, generator_weights, hypernetwork,
                                        hypernetwork_size, label_histogram, token)
 from chainfed_core.population import device_capacity_gb
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.task import build_task, seq_len
 from chainfed_core.tiny import tiny_backbone, tiny_dataset
 from chainfed_core.train import get_state
 
-from test_methods import run_flower_in_process
+from runtime_checks import assert_flower_equals_simulator, assert_kill_9_resumes_bitwise
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is a hundred times faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def c2a_config(rounds: int = 2, model: str = "tiny-bert", **fed) -> RunConfig:
@@ -53,10 +40,6 @@ def prepared(family: str = "bert", rank: int = 4, hidden: int = 32, num_layers: 
     method = get_method("c2a")(cfg, bb.num_layers, bb.family)
     method.prepare(bb)
     return bb, method
-
-
-def without_timing(history):
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 def labelled(n: int, label: int, seed: int = 0):
@@ -224,38 +207,11 @@ def test_a_llama_run_sends_only_the_hypernetwork(tmp_path):
 
 def test_c2a_on_the_flower_apps_equals_the_simulator_bitwise(tmp_path):
     cfg = c2a_config(rounds=2)
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert without_timing(flower["history"]) == without_timing(sim["history"])
-
-
-def _run_quietly(cfg, out):
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-    torch.set_num_threads(1)           # the parent's OpenMP pool does not survive the fork
-    run(cfg, out, progress=False)
+    assert_flower_equals_simulator(cfg, tmp_path)
 
 
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     """A forked copy of this process (no second start-up of torch), killed with SIGKILL after two
     rounds; the restart resumes from its checkpoint (AdamW's moments restart each round: local)."""
     cfg = c2a_config(rounds=4)
-    reference = run(cfg, tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
-    proc.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.is_alive():
-        metrics = out / METRICS_FILE
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.is_alive(), "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert not (out / RECORD_FILE).exists()
-    resumed = run(cfg, out, progress=False)
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_9_resumes_bitwise(cfg, tmp_path)

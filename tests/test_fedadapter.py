@@ -2,40 +2,27 @@
 top d layers training at width w, the counted bytes, the memory estimate against the meter,
 the simulator, the Flower apps and resume after kill -9."""
 
-import multiprocessing
-import os
-import signal
-import sys
-import time
-
 import pytest
 import torch
 
 from chainfed_core import experiments as ex
-from chainfed_core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, load_final_state, read_checkpoint
+from chainfed_core.checkpoint import CHECKPOINT_FILE, load_final_state, read_checkpoint
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
 from chainfed_core.methods.fedadapter import (SCORE, best_group, narrow, original_depth, round_seconds,
                                               trial_configs, widen, window_seconds)
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.tiny import tiny_backbone, tiny_config, tiny_dataset
 from chainfed_core.train import get_state
 
-from test_methods import run_flower_in_process
+from runtime_checks import assert_flower_equals_simulator, assert_kill_9_resumes_bitwise
 
 HIDDEN, LABELS, L = 32, 3, 4
 HEAD = HIDDEN * HIDDEN + HIDDEN + HIDDEN * LABELS + LABELS          # bert.pooler + classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is a hundred times faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fa_config(rounds: int = 3, clients_per_round: int = 3, **options) -> RunConfig:
@@ -57,10 +44,6 @@ def method_for(cfg: RunConfig, bb):
 
 def adapter_bytes(width: int) -> int:
     return 4 * (2 * HIDDEN * width + HIDDEN + width)
-
-
-def without_timing(history):
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 # ---------------------------------------------------------------------- the parts
@@ -227,41 +210,14 @@ def test_runs_in_the_simulator_and_the_bytes_are_each_groups_own(tmp_path):
 
 def test_runs_on_the_flower_apps_like_the_simulator_bitwise(tmp_path):
     cfg = fa_config(rounds=3)
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert without_timing(flower["history"]) == without_timing(sim["history"])
-
-
-def _run_quietly(cfg: RunConfig, out) -> None:
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-    torch.set_num_threads(1)           # the parent's OpenMP pool does not survive the fork
-    run(cfg, out, progress=False)
+    assert_flower_equals_simulator(cfg, tmp_path)
 
 
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     """Killed inside a depth-2 window (rounds 1-3): the restart resumes the groups and the
     simulated time from the checkpoint."""
     cfg = fa_config(rounds=4, clients_per_round=3)
-    reference = run(cfg, tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
-    proc.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.is_alive():
-        metrics = out / METRICS_FILE
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.is_alive(), "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert not (out / RECORD_FILE).exists()
-    resumed = run(cfg, out, progress=False)
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out, _ = assert_kill_9_resumes_bitwise(cfg, tmp_path)
     mine, theirs = (read_checkpoint(d / CHECKPOINT_FILE)["method"] for d in (out, tmp_path / "ref"))
     assert mine["windows"] == theirs["windows"] and mine["elapsed_s"] == theirs["elapsed_s"]
 

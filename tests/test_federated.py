@@ -25,6 +25,8 @@ from chainfed_core.train import evaluate, get_state
 from chainfed_core.partition import client_indices
 from chainfed_core.records import RECORD_FILE, load_records
 
+from runtime_checks import without_timing
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,10 +35,6 @@ def tiny_config(**fed) -> dict:
             "chain": {"window": 2, "start_layer": 1},
             "data": {"dataset": "synthetic", "num_clients": 20, "max_train_examples": 200, "max_test_examples": 32},
             "fed": {"rounds": 3, "clients_per_round": 3, "eval_every": 2, "memory_aware": False, **fed}}
-
-
-def without_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 def test_pure_functions_of_seed_and_client():

@@ -1,33 +1,25 @@
 """FedKSeed: seeds, the bitwise replay, the counted bytes, the server's pool, Pro's probabilities,
 the simulator, the Flower apps, resume after kill -9 and the memory estimate."""
 
-import multiprocessing
-import os
-import signal
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from chainfed_core import experiments as ex
 from chainfed_core.aggregation import state_bytes
-from chainfed_core.checkpoint import METRICS_FILE, load_final_state
+from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
 from chainfed_core.methods.fedkseed import (POOL, PROBABILITIES, SCALARS, FedKSeedOptions, candidate_seeds,
                                             perturb, replay_walk, seed_order, seed_probabilities)
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.seeding import client_seed
 from chainfed_core.task import build_task
 from chainfed_core.tiny import tiny_backbone, tiny_dataset
 from chainfed_core.train import tensors_by_name
 
-from test_methods import run_flower_in_process
+from runtime_checks import assert_flower_equals_simulator, assert_kill_9_resumes_bitwise
 
 K, TAU = 64, 8
 
@@ -50,10 +42,6 @@ def party(cfg: RunConfig):
 
 def weights(backbone) -> dict:
     return {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
-
-
-def without_timing(history):
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 # ---------------------------------------------------------------- configs
@@ -156,7 +144,7 @@ def test_every_party_rebuilds_the_same_global_model_from_the_pool():
     for s in (0, 9, 63):
         zs = [torch.zeros_like(p) for p in tensors_by_name(a, ma.tuned_names(a)).values()]
         perturb(zs, int(ma.seeds[s]), 1.0)
-        z[s] = dict(zip(ma.tuned_names(a), zs))[f"layers.2.output.dense.weight"]
+        z[s] = dict(zip(ma.tuned_names(a), zs))["layers.2.output.dense.weight"]
     expected = theta0[name] - 1e-3 * (1.0 * z[0] - 2.0 * z[9] + 0.25 * z[63])
     torch.testing.assert_close(wa[name], expected, rtol=0, atol=1e-6)
 
@@ -196,41 +184,14 @@ def test_runs_in_the_simulator_and_only_the_scalars_travel(tmp_path):
 
 def test_runs_on_the_flower_apps_like_the_simulator_bitwise(tmp_path):
     cfg = config(pro=True, rounds=2)
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert without_timing(flower["history"]) == without_timing(sim["history"])
-
-
-def _run_quietly(cfg: RunConfig, out: Path) -> None:
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-    torch.set_num_threads(1)           # the parent's OpenMP pool does not survive the fork
-    run(cfg, out, progress=False)
+    assert_flower_equals_simulator(cfg, tmp_path)
 
 
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     """The run is a forked copy of this process (no second start-up of torch), killed with
     SIGKILL after two rounds; the restart resumes from its checkpoint."""
     cfg = config(rounds=4, eval_every=2)
-    reference = run(cfg, tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
-    proc.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.is_alive():
-        metrics = out / METRICS_FILE
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.is_alive(), "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert not (out / RECORD_FILE).exists()
-    resumed = run(cfg, out, progress=False)
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_9_resumes_bitwise(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------- memory

@@ -2,11 +2,6 @@
 aggregation, the counted bytes, the simulator, the Flower apps, resume after kill -9 and the
 memory estimate of a sub-model."""
 
-import multiprocessing
-import os
-import signal
-import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +10,7 @@ import torch
 
 from chainfed_core import experiments as ex
 from chainfed_core.aggregation import merge, state_bytes
-from chainfed_core.checkpoint import METRICS_FILE, load_final_state
+from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.lora import lora_elements, lora_names
@@ -23,24 +18,18 @@ from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
 from chainfed_core.methods.fedra import FedRAOptions, allocation, allocation_matrix, layer_budget
 from chainfed_core.population import Population
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.server import Server
 from chainfed_core.task import build_task, seq_len
 from chainfed_core.tiny import tiny_backbone, tiny_dataset
 from chainfed_core.train import get_state, layer_of
 
-from test_methods import run_flower_in_process
+from runtime_checks import assert_flower_equals_simulator, assert_kill_9_resumes_bitwise
 
 HIDDEN, LABELS, LAYERS, RANK = 32, 3, 4, 4
 HEAD = HIDDEN * HIDDEN + HIDDEN + HIDDEN * LABELS + LABELS           # bert.pooler + classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**fed) -> RunConfig:
@@ -55,10 +44,6 @@ def server_of(cfg: RunConfig):
     task = build_task(cfg)
     bb = task.make_backbone()
     return Server(cfg, bb, Population(cfg, task.train).capacity_gb, seq_len(task.train)), bb
-
-
-def without_timing(history):
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 # ---------------------------------------------------------------- configs, grid
@@ -178,39 +163,12 @@ def test_runs_in_the_simulator_and_each_client_gets_and_sends_its_layers(tmp_pat
 
 def test_runs_on_the_flower_apps_like_the_simulator_bitwise(tmp_path):
     cfg = config()
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert without_timing(flower["history"]) == without_timing(sim["history"])
-
-
-def _run_quietly(cfg: RunConfig, out) -> None:
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-    torch.set_num_threads(1)
-    run(cfg, out, progress=False)
+    assert_flower_equals_simulator(cfg, tmp_path)
 
 
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     cfg = config(rounds=4, eval_every=2)
-    reference = run(cfg, tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
-    proc.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.is_alive():
-        metrics = out / METRICS_FILE
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.is_alive(), "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert not (out / RECORD_FILE).exists()
-    resumed = run(cfg, out, progress=False)
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_9_resumes_bitwise(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------- memory

@@ -1,19 +1,13 @@
 """FLoRA: ranks by memory, stacking exactly Σ p_k B_k A_k, the merge, the counted bytes, the
 simulator, the Flower apps, resume after kill -9 and the memory estimate."""
 
-import multiprocessing
-import os
-import signal
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
 
 from chainfed_core import experiments as ex
 from chainfed_core.aggregation import state_bytes
-from chainfed_core.checkpoint import METRICS_FILE, load_final_state
+from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.lora import LoRALinear, attach, detach, lora_elements, target_weight_names
@@ -21,24 +15,18 @@ from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
 from chainfed_core.methods.flora import ORIGINAL_RANKS, FLoRAOptions, rank_of, stacked_delta
 from chainfed_core.population import device_capacity_gb
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.schedule import TrainPlan
 from chainfed_core.task import build_task
 from chainfed_core.tiny import tiny_backbone, tiny_batch, tiny_dataset
 from chainfed_core.train import get_state, trainable_names
 
-from test_methods import run_flower_in_process
+from runtime_checks import assert_flower_equals_simulator, assert_kill_9_resumes_bitwise
 
 HIDDEN, LABELS, LAYERS = 32, 3, 4
 HEAD = HIDDEN * HIDDEN + HIDDEN + HIDDEN * LABELS + LABELS           # bert.pooler + classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**fed) -> RunConfig:
@@ -48,10 +36,6 @@ def config(**fed) -> RunConfig:
         "data": {"dataset": "synthetic", "num_clients": 4, "max_train_examples": 60, "max_test_examples": 16},
         "fed": {"rounds": 2, "clients_per_round": 3, "eval_every": 1, "memory_aware": False,
                 "memory_profile": "paper", **fed}})
-
-
-def without_timing(history):
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 # ---------------------------------------------------------------- configs, grid, ranks
@@ -101,7 +85,7 @@ def test_the_server_merges_the_stack_into_the_base_and_the_merged_model_equals_b
     method = get_method("flora")(cfg, bb.num_layers, bb.family)
     method.global_state = get_state(bb, method.exchanged_names(bb))
     g = torch.Generator().manual_seed(5)
-    updates, models = [], []
+    updates = []
     for k, (rank, n) in enumerate([(2, 30), (4, 20), (8, 10)]):
         modules = attach(bb, rank, 2.0, generator=g)
         with torch.no_grad():
@@ -168,39 +152,12 @@ def test_runs_in_the_simulator_with_exact_bytes(tmp_path):
 
 def test_runs_on_the_flower_apps_like_the_simulator_bitwise(tmp_path):
     cfg = config()
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert without_timing(flower["history"]) == without_timing(sim["history"])
-
-
-def _run_quietly(cfg: RunConfig, out) -> None:
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-    torch.set_num_threads(1)
-    run(cfg, out, progress=False)
+    assert_flower_equals_simulator(cfg, tmp_path)
 
 
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     cfg = config(rounds=4, eval_every=2)
-    reference = run(cfg, tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
-    proc.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.is_alive():
-        metrics = out / METRICS_FILE
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.is_alive(), "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert not (out / RECORD_FILE).exists()
-    resumed = run(cfg, out, progress=False)
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_9_resumes_bitwise(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------- memory

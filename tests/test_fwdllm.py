@@ -1,43 +1,30 @@
 """FwdLLM: forward gradients without backpropagation, perturbation sampling, variance-controlled
 pacing and FedSGD; its memory estimate against the meter; the simulator, Flower and kill -9."""
 
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from chainfed_core import experiments as ex
-from chainfed_core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, load_final_state, read_checkpoint
+from chainfed_core.checkpoint import CHECKPOINT_FILE, load_final_state, read_checkpoint
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
 from chainfed_core.methods.fwdllm import (REFERENCE, VARIANCE, central_difference, half_variance, local_steps,
                                           lr_at, pooled_variance, sample_perturbation)
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.task import build_task
 from chainfed_core.tiny import tiny_backbone, tiny_batch, tiny_config, tiny_dataset
 from chainfed_core.train import get_state, tensors_by_name, trainable_names
 
-from test_methods import run_flower_in_process
+from runtime_checks import assert_flower_equals_simulator, assert_kill_9_resumes_bitwise
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is a hundred times faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fwd_config(rounds: int = 3, **options) -> dict:
@@ -52,10 +39,6 @@ def method_for(cfg: RunConfig, bb):
     method.prepare(bb)
     method.load_state(bb, method.initial_state(bb))
     return method
-
-
-def without_timing(history):
-    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
 
 
 # ---------------------------------------------------------------------- the parts
@@ -208,39 +191,13 @@ def test_pacing_defers_then_applies_everything_cached(tmp_path):
 
 def test_fwdllm_on_the_flower_apps_equals_the_simulator_bitwise(tmp_path):
     cfg = RunConfig.from_dict(fwd_config(rounds=3, var_threshold=1e-12, max_deferred=1))
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert without_timing(flower["history"]) == without_timing(sim["history"])
+    assert_flower_equals_simulator(cfg, tmp_path)
 
 
 def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
     """Killed while the server holds cached gradients (rounds 0 and 2 defer)."""
-    overrides = fwd_config(rounds=5, var_threshold=1e-12, max_deferred=1)
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(overrides))
-    reference = run(RunConfig.from_dict(overrides), tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "chainfed_core.federated", "--config", str(cfg_file), "--out", str(out),
-           "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / METRICS_FILE
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / RECORD_FILE).exists()
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resumed = json.loads((out / RECORD_FILE).read_text())
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
-    a, b = load_final_state(out), load_final_state(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    mine, theirs = (read_checkpoint(d / CHECKPOINT_FILE)["method"] for d in (out, tmp_path / "ref"))
+    cfg = RunConfig.from_dict(fwd_config(rounds=5, var_threshold=1e-12, max_deferred=1))
+    out, ref = assert_kill_9_resumes_bitwise(cfg, tmp_path, after_rounds=1)
+    mine, theirs = (read_checkpoint(d / CHECKPOINT_FILE)["method"] for d in (out, ref))
     assert mine["deferred_rounds"] == theirs["deferred_rounds"] == [0, 2, 4]
     assert mine["variance"] == theirs["variance"] and torch.equal(mine["pending"]["sum"], theirs["pending"]["sum"])

@@ -9,12 +9,7 @@ from chainfed_core.tiny import tiny_backbone, tiny_batch
 from chainfed_core.train import tensors_by_name
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", sorted(TARGETS))

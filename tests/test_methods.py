@@ -2,24 +2,22 @@
 the README's own code block) run through the simulator and the Flower ServerApp/ClientApp (in
 process) without touching the core."""
 
-import json
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
 
 from chainfed_core import experiments as ex
 from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.methods import Method, get_method, method_names, plan_for, register, unregister
-from chainfed_core.records import RECORD_FILE
-from chainfed_core.task import build_task
 from chainfed_core.schedule import TrainPlan
+from chainfed_core.task import build_task
 from chainfed_core.train import get_state
+
+from runtime_checks import assert_flower_equals_simulator
 
 
 # ---------------------------------------------------------------- a toy method: the README's example
@@ -89,46 +87,8 @@ def test_a_toy_method_runs_in_the_simulator(toy, tmp_path):
 
 
 def test_a_toy_method_runs_on_the_flower_apps_like_the_simulator(toy, tmp_path):
-    cfg = toy_config()
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sim, flower = assert_flower_equals_simulator(toy_config(), tmp_path)
     assert [set(m) for m in flower["history"]] == [set(m) for m in sim["history"]]     # one metrics schema
-    timing = ("seconds_train", "seconds_round", "seconds_since_start", "seconds_clients")
-    strip = lambda h: [{k: v for k, v in m.items() if k not in timing} for m in h]  # noqa: E731
-    assert strip(flower["history"]) == strip(sim["history"])
-
-
-# ---------------------------------------------------------------- Flower, in this process
-class InProcessGrid:
-    """The part of Flower's ``Grid`` the ServerApp uses, delivering messages straight to the
-    ClientApp of N in-process nodes (each with its own Context, as SuperNodes have)."""
-
-    def __init__(self, num_nodes: int):
-        from chainfed_core.flower.client_app import app
-        self.app = app
-        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config={},
-                                          node_config={"partition-id": k, "num-partitions": num_nodes})
-                         for k in range(num_nodes)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-
-
-def run_flower_in_process(cfg: RunConfig, out) -> dict:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from chainfed_core.flower import server_app
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    (out.parent / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={
-        "config-file": str(out.parent / "cfg.json"), "overrides": "", "out-dir": str(out)})
-    server_app.main(InProcessGrid(cfg.data.num_clients), context)
-    return json.loads((out / RECORD_FILE).read_text())
 
 
 def test_chainfed_on_the_flower_apps_equals_the_simulator_bitwise(tmp_path):
@@ -138,8 +98,5 @@ def test_chainfed_on_the_flower_apps_equals_the_simulator_bitwise(tmp_path):
         "chain": {"window": 2, "start_layer": 0, "gpo_lambda": 0.5},
         "data": {"dataset": "synthetic", "num_clients": 3, "max_train_examples": 60, "max_test_examples": 16},
         "fed": {"rounds": 5, "clients_per_round": 2, "eval_every": 1, "memory_aware": False}})
-    sim = run(cfg, tmp_path / "sim", progress=False)
-    flower = run_flower_in_process(cfg, tmp_path / "flower")
-    a, b = torch.load(tmp_path / "flower" / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    sim, flower = assert_flower_equals_simulator(cfg, tmp_path)
     assert [m["train_loss"] for m in flower["history"]] == [m["train_loss"] for m in sim["history"]]
