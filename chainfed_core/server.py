@@ -106,8 +106,11 @@ class Server:
 
     def _split(self, plan) -> tuple[list[str], list[str]]:
         """(the plan's window, the other global tensors of layers the plan runs or of no layer),
-        computed once per distinct plan."""
+        computed once per distinct plan (methods that draw a plan per client and round, as FedRA
+        does, would grow the cache without end: it keeps the recent plans only)."""
         if plan not in self._names:
+            if len(self._names) >= 256:
+                self._names.clear()
             names = [n for n in trainable_names(self._backbone, plan) if n in self.state["global"]]
             chosen, absent = set(names), plan.absent(self.num_layers)    # absent layers: not the client's
             self._names[plan] = (names, [n for n in self.state["global"]
