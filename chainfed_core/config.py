@@ -11,6 +11,7 @@ unknown keys.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -30,13 +31,21 @@ _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.
 
 
 def option(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
-           choices: Any = None, **bounds: Any):
+           choices: Any = None, added: str | None = None, **bounds: Any):
     """A field with its help text; ``bounds`` (ge, gt, le, lt) give its range, ``choices`` a
-    function returning its allowed values (for names registered elsewhere)."""
+    function returning its allowed values (for names registered elsewhere).
+
+    ``added`` (when the field arrived, e.g. "2026-12"): the field is left out of
+    :meth:`Config.to_dict` while it holds its default, so a config written before the field
+    existed keeps its hash, and its run folder (named by the hash) is still found.
+    """
     unknown = sorted(set(bounds) - set(_BOUNDS))
     if unknown:
         raise TypeError(f"option: unknown bound(s) {unknown}; allowed: {list(_BOUNDS)}")
-    metadata = {"help": text, **bounds, **({"choices": choices} if choices else {})}
+    if added and default is dataclasses.MISSING:
+        raise TypeError("option: a field with `added` needs a plain default")
+    metadata = {"help": text, **bounds, **({"choices": choices} if choices else {}),
+                **({"added": added} if added else {})}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -91,7 +100,14 @@ class Config:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values, nested sections as dicts; an ``added`` field at its default left out."""
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("added") and value == f.default:
+                continue
+            data[f.name] = value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
+        return data
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)

@@ -175,3 +175,17 @@ def test_method_names_come_from_the_registry(toy_method):
     with pytest.raises(ValueError, match=r"^RunConfig.method: 'toy_prox' is not one of \["):
         RunConfig(method="toy_prox")
     assert issubclass(toy_method, Method)
+
+
+@dataclasses.dataclass
+class Grown(Config):
+    old: int = option("A field from the start.", 1)
+    new: str = option("A field added later.", "a", added="2026-12")
+
+
+def test_an_added_field_at_its_default_leaves_the_hash_alone():
+    assert Grown().to_dict() == {"old": 1}                       # what an older config looked like
+    assert Grown(new="b").to_dict() == {"old": 1, "new": "b"}     # set: it is part of the config
+    assert Grown.from_dict({"old": 1}) == Grown() and Grown.from_dict(Grown(new="b").to_dict()).new == "b"
+    with pytest.raises(TypeError, match="needs a plain default"):
+        option("No default.", added="2026-12")
