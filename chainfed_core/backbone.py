@@ -2,8 +2,10 @@
 
 Chain optimization runs a model one layer at a time: the frozen prefix forward only, the
 window with gradients, the rest not at all. :class:`Backbone` gives every supported
-family (BERT/MiniLM, DistilBERT, RoBERTa, MPNet encoders with a classification head;
-LLaMA decoders with the LM head) the same three calls:
+family (BERT/MiniLM, DistilBERT, RoBERTa, MPNet, ELECTRA encoders with a classification
+head; LLaMA, Qwen2, Mistral, Phi3, Gemma2, Gemma3 and GPT-2 decoders with the LM head; the
+table and the per-family layer inputs are in :mod:`chainfed_core.families`) the same three
+calls:
 
     hidden, ctx = bb.embed(batch)          # (B, T, H) and the per-batch layer context
     hidden = bb.run_layer(i, hidden, ctx)  # one transformer layer (+ its adapter, if any)
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, inject_adapters, get_adapters
-from .config import FAMILIES, POOLINGS, AdapterConfig, ModelConfig
+from .config import POOLINGS, AdapterConfig, ModelConfig
+from .families import SPECS, check_supported, decoder_layer_inputs, detect_family
 
 IGNORE_INDEX = -100
 METHOD_MODULES_ATTR = "chainfed_modules"     # modules a method adds (Backbone.add_method_module)
@@ -48,25 +51,15 @@ class _AlwaysResident:
 class LayerContext:
     """What every layer of a batch needs besides the hidden states."""
     attention_mask: torch.Tensor                 # (B, T) 1 for real tokens
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)      # shared by every layer
+    layer_types: tuple[str, ...] = ()            # per layer, where layers differ (sliding vs full)
+    type_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)   # extra kwargs per type
 
-
-@dataclass
-class _Family:
-    """Where a family keeps its pieces, by attribute path on the HF model."""
-    base: str                  # attribute of the base model inside the task model
-    layers: str                # layer list, relative to base
-    head: tuple[str, ...]      # trainable head modules, relative to the task model
-    causal_lm: bool = False
-
-
-_FAMILIES: dict[str, _Family] = {
-    "bert": _Family("bert", "encoder.layer", ("bert.pooler", "classifier")),
-    "roberta": _Family("roberta", "encoder.layer", ("classifier",)),
-    "mpnet": _Family("mpnet", "encoder.layer", ("classifier",)),
-    "distilbert": _Family("distilbert", "transformer.layer", ("pre_classifier", "classifier")),
-    "llama": _Family("model", "layers", (), causal_lm=True),
-}
+    def kwargs_of(self, index: int) -> dict[str, Any]:
+        """The keyword arguments of layer ``index``."""
+        if not self.layer_types:
+            return self.layer_kwargs
+        return {**self.layer_kwargs, **self.type_kwargs[self.layer_types[index]]}
 
 
 def _attr(obj: Any, path: str) -> Any:
@@ -79,16 +72,17 @@ class Backbone:
     """A HF task model viewed as embeddings -> layers[0..L-1] -> head."""
 
     def __init__(self, model: nn.Module, family: str, pooling: str = "cls"):
-        if family not in _FAMILIES:
-            raise ValueError(f"ModelConfig.family: {family!r} is not one of {list(FAMILIES)}")
+        if family not in SPECS:
+            raise ValueError(f"ModelConfig.family: {family!r} is not one of {list(SPECS)}")
         if pooling not in POOLINGS:
             raise ValueError(f"ModelConfig.pooling: {pooling!r} is not one of {POOLINGS}")
-        if pooling == "mean" and _FAMILIES[family].causal_lm:
+        if pooling == "mean" and SPECS[family].causal_lm:
             raise ValueError(f"ModelConfig.pooling: 'mean' applies to classifiers, not the {family} causal LM")
+        check_supported(family, model.config)
         self.model = model
         self.family = family
         self.pooling = pooling
-        self.spec = _FAMILIES[family]
+        self.spec = SPECS[family]
         # Mean pooling replaces BERT's [CLS] pooler, which then neither trains nor travels.
         self.head_paths = tuple(p for p in self.spec.head if not (pooling == "mean" and p == "bert.pooler"))
         self.base = _attr(model, self.spec.base)
@@ -148,36 +142,37 @@ class Backbone:
     def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, LayerContext]:
         """Embedding output (B, T, H) and the context every layer of this batch needs."""
         ids = batch["input_ids"]
-        if self.family == "llama":
+        if self.family == "gpt2":                     # learned positions, added to the tokens'
+            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)   # (1, T)
+            hidden = self.base.drop(self.base.wte(ids) + self.base.wpe(positions))
+        elif self.spec.causal_lm:                     # (Gemma scales by sqrt(H) inside embed_tokens)
             hidden = self.base.embed_tokens(ids)
-        elif self.family == "bert":
+        elif self.family in ("bert", "electra"):
             hidden = self.base.embeddings(input_ids=ids, token_type_ids=batch.get("token_type_ids"))
+            if self.family == "electra" and hasattr(self.base, "embeddings_project"):
+                hidden = self.base.embeddings_project(hidden)   # embedding width -> hidden width
         else:
             hidden = self.base.embeddings(input_ids=ids)
         return hidden, self.context(batch, hidden)
 
     def context(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> LayerContext:
         """Masks and position terms for a batch, rebuilt from the batch alone (cheap)."""
-        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+        from transformers.masking_utils import create_bidirectional_mask
 
         mask2d = batch["attention_mask"]
-        if self.family == "llama":
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d,
-                                      past_key_values=None, position_ids=position_ids)
-            rotary = self.base.rotary_emb(hidden, position_ids=position_ids)
-            kwargs = {"attention_mask": mask, "position_embeddings": rotary, "position_ids": position_ids}
-        else:
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d)
-            kwargs = {"attention_mask": mask}
-            if self.family == "mpnet":
-                kwargs["position_bias"] = self.base.encoder.compute_position_bias(hidden)
+        if self.spec.causal_lm:
+            kwargs, types, by_type = decoder_layer_inputs(self.spec, self.base, self.config, hidden, mask2d)
+            return LayerContext(attention_mask=mask2d, layer_kwargs=kwargs, layer_types=types, type_kwargs=by_type)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask2d)
+        kwargs = {"attention_mask": mask}
+        if self.family == "mpnet":
+            kwargs["position_bias"] = self.base.encoder.compute_position_bias(hidden)
         return LayerContext(attention_mask=mask2d, layer_kwargs=kwargs)
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """One transformer layer, followed by its adapter if one is injected."""
         self.residency.ensure(index)
-        out = self.layers[index](hidden, **ctx.layer_kwargs)
+        out = self.layers[index](hidden, **ctx.kwargs_of(index))
         return out[0] if isinstance(out, tuple) else out   # (B, T, H)
 
     def run_layers(self, indices, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -188,8 +183,11 @@ class Backbone:
     def logits(self, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Head on hidden states of any depth: (B, K) for classifiers, (B, T, V) for LMs."""
         m = self.model
-        if self.family == "llama":
-            return m.lm_head(self.base.norm(hidden))
+        if self.spec.causal_lm:
+            norm, lm_head = (_attr(m, path) for path in self.spec.frozen_head)
+            logits = lm_head(norm(hidden))                                      # (B, T, V)
+            cap = getattr(self.config, "final_logit_softcapping", None)         # Gemma2
+            return logits if cap is None else torch.tanh(logits / cap) * cap
         if self.pooling == "mean":
             mask = ctx.attention_mask.unsqueeze(-1).to(hidden.dtype)          # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)         # (B, H)
@@ -197,14 +195,14 @@ class Backbone:
                 return m.classifier(m.dropout(pooled))
             if self.family == "distilbert":
                 return m.classifier(m.dropout(F.relu(m.pre_classifier(pooled))))
-            return m.classifier(pooled.unsqueeze(1))        # roberta / mpnet heads read token 0
+            return m.classifier(pooled.unsqueeze(1))        # roberta / mpnet / electra heads read token 0
         if self.family == "bert":
             pooled = self.base.pooler(hidden)                 # (B, H) from [CLS]
             return m.classifier(m.dropout(pooled))
         if self.family == "distilbert":
             pooled = F.relu(m.pre_classifier(hidden[:, 0]))   # (B, H)
             return m.classifier(m.dropout(pooled))
-        return m.classifier(hidden)                           # roberta / mpnet take <s> inside
+        return m.classifier(hidden)                           # roberta / mpnet / electra take <s> inside
 
     def head_loss(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
                   ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,13 +223,6 @@ class Backbone:
         hidden, ctx = self.embed(batch)
         hidden = self.run_layers(range(self.num_layers), hidden, ctx)
         return self.logits(hidden, ctx)
-
-
-def detect_family(config) -> str:
-    family = getattr(config, "model_type", None)
-    if family not in FAMILIES:
-        raise ValueError(f"ModelConfig.family: model_type {family!r} is not one of {list(FAMILIES)}")
-    return family
 
 
 def from_model(model: nn.Module, family: str | None = None, pooling: str = "cls") -> Backbone:
@@ -261,7 +252,7 @@ def load_backbone(config: ModelConfig, num_labels: int | None = None) -> Backbon
     """Load a model by asset name or local folder through ``from_pretrained``.
 
     Encoders load as ``AutoModelForSequenceClassification`` with ``num_labels`` classes;
-    LLaMA loads as ``AutoModelForCausalLM``. The frozen base is cast to ``config.dtype``;
+    decoders load as ``AutoModelForCausalLM``. The frozen base is cast to ``config.dtype``;
     heads stay float32.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -272,13 +263,13 @@ def load_backbone(config: ModelConfig, num_labels: int | None = None) -> Backbon
     hf_config = AutoConfig.from_pretrained(path)
     family = config.family or detect_family(hf_config)
     dtype = getattr(torch, config.dtype)
-    if _FAMILIES[family].causal_lm:
+    if SPECS[family].causal_lm:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         if num_labels is None:
             raise ValueError("num_labels is required for a classification model")
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    pooling = "cls" if _FAMILIES[family].causal_lm else resolve_pooling(config.pooling, path)
+    pooling = "cls" if SPECS[family].causal_lm else resolve_pooling(config.pooling, path)
     bb = from_model(model, family, pooling)
     for module in bb.head_modules():
         module.float()

@@ -71,7 +71,7 @@ def _file_of(key: str) -> str:
 
 
 def _task_name(family: str) -> str:
-    return "causal_lm" if family == "llama" else "sequence_classification"
+    return "causal_lm" if head_is_frozen(family) else "sequence_classification"
 
 
 # ---------------------------------------------------------------------- writing

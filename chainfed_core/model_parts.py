@@ -17,12 +17,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone
-
-# Embedding and extra head modules per family, by attribute path on the HF task model.
-# (Trainable head modules come from the backbone's family spec.)
-_EMBED = {"bert": "bert.embeddings", "roberta": "roberta.embeddings", "mpnet": "mpnet.embeddings",
-          "distilbert": "distilbert.embeddings", "llama": "model.embed_tokens"}
-_FROZEN_HEAD = {"llama": ("model.norm", "lm_head")}
+from .families import SPECS
 
 
 def shard_key(index: int) -> str:
@@ -33,7 +28,7 @@ def shard_key(index: int) -> str:
 def head_is_frozen(family: str) -> bool:
     """Whether the family's head is frozen (a causal LM's final norm and LM head) rather
     than a classifier that trains."""
-    return family in _FROZEN_HEAD
+    return family in SPECS and SPECS[family].causal_lm
 
 
 def hf_config(config_like):
@@ -48,18 +43,19 @@ def hf_config(config_like):
 
 def build_model(config, family: str, attn_implementation: str | None = None) -> nn.Module:
     """The task model of a config with fresh weights (on the current default device):
-    a causal LM for LLaMA, a sequence classifier otherwise."""
+    a causal LM for a decoder family, a sequence classifier otherwise."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    if family == "llama":
+    if SPECS[family].causal_lm:
         return AutoModelForCausalLM.from_config(config, **kwargs)
     return AutoModelForSequenceClassification.from_config(config, **kwargs)
 
 
-def embedding_module(model: nn.Module, family: str) -> nn.Module:
-    """The model's embedding module (the ``embed`` part)."""
-    return _get(model, _EMBED[family])
+def embedding_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    """The model's embedding modules (the ``embed`` part), in the order they run: one for
+    most families, token and position tables for GPT-2, embeddings and projection for ELECTRA."""
+    return [m for m in (_get(model, path) for path in SPECS[family].embed) if m is not None]
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -72,11 +68,10 @@ def _get(obj: Any, path: str) -> Any:
 
 def _part_modules(backbone: Backbone) -> dict[str, list[str]]:
     """Module paths (on the task model) of every part except the per-layer ones."""
-    family = backbone.family
-    layers_path = f"{backbone.spec.base}.{backbone.spec.layers}"
-    head = [p for p in backbone.spec.head + _FROZEN_HEAD.get(family, ())
-            if _get(backbone.model, p) is not None]
-    return {"embed": [_EMBED[family]], "head": head, "layers": [layers_path]}
+    spec, model = backbone.spec, backbone.model
+    return {"embed": [p for p in spec.embed if _get(model, p) is not None],
+            "head": [p for p in spec.head + spec.frozen_head if _get(model, p) is not None],
+            "layers": [f"{spec.base}.{spec.layers}"]}
 
 
 def part_tensors(model: nn.Module, backbone: Backbone) -> dict[str, dict[str, torch.Tensor]]:

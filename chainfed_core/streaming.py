@@ -25,7 +25,7 @@ from torch import nn
 from .backbone import Backbone
 from .layer_store import LayerStore, LayerStoreError, tensors_of
 from .memory_meter import tagged
-from .model_parts import build_model, embedding_module, head_is_frozen, shard_key
+from .model_parts import build_model, embedding_modules, head_is_frozen, shard_key
 from .upcast import upcast_linears
 
 
@@ -287,11 +287,12 @@ def load_streamed(store: LayerStore | str | os.PathLike, *, prefetch: bool = Tru
                                 memory_map=memory_map)
     for key in ("rest", "head"):
         bb.streamer._materialise(key)
-    embeddings = embedding_module(model, store.family)
+    embeddings = embedding_modules(model, store.family)
     if compute_dtype is not None:
         upcast_linears(model)
-        embeddings.register_forward_hook(lambda _m, _a, out: _as_dtype(out, compute_dtype))
-    embeddings.register_forward_pre_hook(lambda _m, _a: bb.residency.ensure("embed"))
+        for module in embeddings:
+            module.register_forward_hook(lambda _m, _a, out: _as_dtype(out, compute_dtype))
+    embeddings[0].register_forward_pre_hook(lambda _m, _a: bb.residency.ensure("embed"))
     bb.residency = bb.streamer
     if resident == "all":
         for key in bb.streamer.order:
