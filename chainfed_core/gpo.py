@@ -6,7 +6,7 @@ layers that follow. GPO adds a global loss from an auxiliary branch that passes 
 window's output through the *subsequent adapters only* (not their transformer layers,
 which are never loaded) and then the output head:
 
-    local  = loss(head(h_w))
+    local  = loss(head_local(h_w))
     global = loss(head(A_L(... A_{w+1}(h_w))))
     L_GPO  = (1 - lambda) * local + lambda * global
 
@@ -16,16 +16,43 @@ subsequent adapters and the end-to-end loss is used alone.
 
 The subsequent adapters are not trained here (their parameters receive no update), but
 gradients flow through them into the window.
+
+Which head the local loss reads with (``ChainConfig.local_head``) is the paper's open point:
+
+- ``"shared"``: ``head_local`` is the model's head, the one the global branch ends in. While
+  the later adapters are still the identity they start as (the whole first pass), the two
+  branches compute the same loss and lambda cannot matter.
+- ``"stage"``: ``head_local`` is a head of the stage's own, of the model head's architecture,
+  that only the local loss trains (the global branch never reads it; evaluation uses the
+  model's head). There is one per window position, the position's head reading the output
+  of the window's last layer (:func:`stage_head_layer`); each starts as a copy of the model's
+  head as built (round 0), so when the window slides the next stage starts from a fresh head.
+  It travels with the window, as ``stage_head.<head path>.<param>``, in the rounds whose loss
+  trains it (a later layer exists and lambda < 1), and is averaged like it (FedAvg); the
+  server keeps each position's head between passes (``methods.chainfed``). A causal LM's
+  head is frozen, so a stage head of its own would be a frozen copy of it, the same loss as
+  "shared": there "stage" is refused.
+
+A client holds one stage-head module (:func:`add_stage_head`), loaded with the position's
+tensors before it trains; ``Backbone.logits`` reads the head modules by attribute, so the
+local loss points them at the stage head's for its one call (:func:`_stage_head_in_place`).
 """
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
+from torch import nn
 
 from .backbone import Backbone, LayerContext
+from .schedule import TrainPlan
+
+STAGE_HEAD_ATTR = "chainfed_stage_head"     # where a model keeps its stage head (a ModuleDict)
+STAGE_HEAD = "stage_head"                   # the exchange names' kind: stage_head.<head path>.<param>
 
 
 @dataclass
@@ -47,12 +74,90 @@ def global_branch(backbone: Backbone, hidden: torch.Tensor, subsequent: Sequence
 
 def gpo_loss(backbone: Backbone, window_out: torch.Tensor, batch: dict[str, torch.Tensor],
              ctx: LayerContext, subsequent: Sequence[int], lam: float) -> GPOLoss:
-    """The mixed objective of Eq. 2; the end-to-end loss alone when nothing follows the window."""
+    """The mixed objective of Eq. 2; the end-to-end loss alone when nothing follows the window.
+    The local loss reads with the model's stage head where it has one (``local_head="stage"``)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"ChainConfig.gpo_lambda must lie in [0, 1], got {lam}")
-    local, logits = backbone.head_loss(window_out, batch, ctx)
     if not subsequent:
+        local, logits = backbone.head_loss(window_out, batch, ctx)
         return GPOLoss(total=local, local=local, global_=None, logits=logits)
+    with _stage_head_in_place(backbone):
+        local, logits = backbone.head_loss(window_out, batch, ctx)
     global_, _ = backbone.head_loss(global_branch(backbone, window_out, subsequent), batch, ctx)
     total = (1.0 - lam) * local + lam * global_
     return GPOLoss(total=total, local=local, global_=global_, logits=logits)
+
+
+# ---------------------------------------------------------------------- the stage head
+def _key(path: str) -> str:
+    return path.replace(".", "/")           # a ModuleDict key may not hold a dot
+
+
+def add_stage_head(backbone: Backbone) -> nn.ModuleDict:
+    """Give the model a stage head: a copy of each of its head modules as they are now."""
+    if backbone.is_causal_lm:
+        raise ValueError(f"ChainConfig.local_head: 'stage' needs a classification head that trains; the "
+                         f"{backbone.family} causal LM's head is frozen, so use 'shared'")
+    if hasattr(backbone.model, STAGE_HEAD_ATTR):
+        raise ValueError("model already has a stage head")
+    heads = nn.ModuleDict({_key(path): copy.deepcopy(module) for path, module in _head_modules(backbone).items()})
+    backbone.model.add_module(STAGE_HEAD_ATTR, heads)
+    return heads
+
+
+def _head_modules(backbone: Backbone) -> dict[str, nn.Module]:
+    """The model's head modules by their path on the task model (absent ones left out)."""
+    found = {}
+    for path in backbone.head_paths:
+        module = backbone.model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if module is not None:
+            found[path] = module
+    return found
+
+
+def has_stage_head(backbone: Backbone) -> bool:
+    return hasattr(backbone.model, STAGE_HEAD_ATTR)
+
+
+def stage_head_parameters(backbone: Backbone) -> dict[str, nn.Parameter]:
+    """The stage head's parameters by exchange name (the model head's, ``head.`` -> ``stage_head.``); {} if none."""
+    heads = getattr(backbone.model, STAGE_HEAD_ATTR, {})
+    return {f"{STAGE_HEAD}.{key.replace('/', '.')}.{name}": p for key, module in heads.items()
+            for name, p in module.named_parameters()}
+
+
+def stage_head_layer(plan: TrainPlan) -> int | None:
+    """The layer whose stage head a plan's local loss trains (the window's last), or None where
+    it trains none: nothing follows the window (the end-to-end loss alone), or lambda = 1."""
+    if not len(plan.training) or not len(plan.idle) or plan.lam >= 1.0:
+        return None
+    return plan.training[-1]
+
+
+def stage_head_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
+    """Exchange names of the stage-head tensors the plan trains (none without a stage head)."""
+    return list(stage_head_parameters(backbone)) if stage_head_layer(plan) is not None else []
+
+
+@contextmanager
+def _stage_head_in_place(backbone: Backbone) -> Iterator[None]:
+    """Within the block the model's head modules are the stage head's (if it has one)."""
+    heads = getattr(backbone.model, STAGE_HEAD_ATTR, None)
+    if heads is None:
+        yield
+        return
+    swapped = []
+    for path in _head_modules(backbone):
+        parent_path, _, leaf = path.rpartition(".")
+        parent = backbone.model
+        for part in filter(None, parent_path.split(".")):
+            parent = getattr(parent, part)
+        swapped.append((parent, leaf, getattr(parent, leaf)))
+        setattr(parent, leaf, heads[_key(path)])
+    try:
+        yield
+    finally:
+        for parent, leaf, module in swapped:
+            setattr(parent, leaf, module)

@@ -9,7 +9,8 @@ with GPO weight lambda, Full Adapters every adapter end to end, linear probing t
 Only the tensors a plan trains are exchanged, as a plain ``dict[str, Tensor]`` with keys
 ``adapters.<i>.<param>``, ``head.<module>.<param>``, (FFT) ``layers.<i>.<param>`` and
 ``modules.<key>.<param>`` (a module a method adds, ``Backbone.add_method_module``: C2A's
-hypernetwork, which trains whenever the plan trains adapters).
+hypernetwork, which trains whenever the plan trains adapters) and ``stage_head.<module>.<param>``
+(GPO's head of the stage's own, ``chain.local_head="stage"``: ``gpo``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from .aggregation import pack
 from .backbone import Backbone, LayerContext
 from .config import TrainConfig
-from .gpo import gpo_loss
+from .gpo import STAGE_HEAD, gpo_loss, stage_head_names, stage_head_parameters
 from .lora import lora_names
 from .schedule import TrainPlan
 
@@ -39,6 +40,7 @@ def named_tensors(backbone: Backbone) -> dict[str, nn.Parameter]:
         named.update({f"adapters.{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()})
     named.update(module_parameters(backbone))
     named.update(backbone.head_parameters())
+    named.update(stage_head_parameters(backbone))
     named.update({f"layers.{i}.{n}": p for i, layer in enumerate(backbone.layers)
                   for n, p in layer.named_parameters()})
     return named
@@ -51,7 +53,7 @@ def tensors_by_name(backbone: Backbone, names: Iterable[str]) -> dict[str, nn.Pa
     for name in names:
         kind, _, rest = name.partition(".")
         index, _, param = rest.partition(".")
-        key = "head" if kind == "head" else (kind, index)
+        key = kind if kind in ("head", STAGE_HEAD) else (kind, index)
         try:
             if key not in owners:       # each adapter, layer and the head is looked up once
                 if kind == "adapters":
@@ -62,9 +64,11 @@ def tensors_by_name(backbone: Backbone, names: Iterable[str]) -> dict[str, nn.Pa
                     owners[key] = backbone.head_parameters()
                 elif kind == "modules":
                     owners[key] = dict(backbone.method_modules[index].named_parameters())
+                elif kind == STAGE_HEAD:
+                    owners[key] = stage_head_parameters(backbone)
                 else:
                     raise KeyError(kind)
-            found[name] = owners[key][name if kind == "head" else param]
+            found[name] = owners[key][name if kind in ("head", STAGE_HEAD) else param]
         except (AttributeError, KeyError, IndexError, ValueError):
             unknown.append(name)
     if unknown:
@@ -100,7 +104,7 @@ def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
             names += list(module_parameters(backbone))
     if plan.train_head:
         names += list(backbone.head_parameters())
-    return names
+    return names + stage_head_names(backbone, plan)
 
 
 def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tensor]:
