@@ -196,7 +196,7 @@ class ChainConfig(Config):
     local_head: Literal["shared", "stage"] = option(
         "Which head GPO's local loss reads the window's output with: 'shared', the model's head (the one "
         "the global branch ends in); 'stage', a head of the stage's own, one per window position, trained "
-        "by the local loss alone and exchanged with the window (chainfed_core.gpo).", "shared")
+        "by the local loss alone and exchanged with the window (chainfed_core.gpo).", "shared", added="2026-12")
 
     def resolved_lambda(self, family: str) -> float:
         if self.gpo_lambda is not None:
@@ -288,11 +288,9 @@ class RunConfig(Config):
         self.method_options = {k: parsed[k] for k in self.method_options}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values; ``method_options`` left out when empty and ``chain.local_head`` when
-        'shared', so configs made before they existed keep their hash (run folders are named by it)."""
+        """Plain values; ``method_options`` left out when empty, so configs made before it
+        existed keep their hash (run folders are named by it)."""
         data = super().to_dict()
         if not data["method_options"]:
             del data["method_options"]
-        if data["chain"]["local_head"] == "shared":
-            del data["chain"]["local_head"]
         return data
