@@ -351,7 +351,7 @@ def test_method_plans():
     ({"chain": {"gpo_lambda": -0.1}}, "gpo_lambda"),
     ({"chain": {"foat_tau": 0.0}}, "foat_tau"),
     ({"chain": {"foat_tau": 1.2}}, "foat_tau"),
-    ({"model": {"family": "gpt2"}}, "family"),
+    ({"model": {"family": "bloom"}}, "family"),
     ({"method": "fedprox"}, "method"),
     ({"chain": {"windw": 2}}, "windw"),
     ({"train": {"lr": "fast"}}, "lr"),

@@ -30,7 +30,7 @@ BAD = [
     ("adapter", {"activation": "swish"}, "AdapterConfig.activation: 'swish' is not one of ['relu', 'gelu', 'tanh']"),
     ("adapter", {"bottleneck": 0}, "AdapterConfig.bottleneck: must be >= 1, got 0"),
     ("model", {"dtype": "int8"}, "ModelConfig.dtype: 'int8' is not one of ['float32', 'bfloat16', 'float16']"),
-    ("model", {"family": "gpt2"}, "ModelConfig.family: 'gpt2' is not one of ['bert'"),
+    ("model", {"family": "bloom"}, "ModelConfig.family: 'bloom' is not one of ['bert'"),
     ("model", {"pooling": "max"}, "ModelConfig.pooling: 'max' is not one of ['auto', 'cls', 'mean']"),
     ("model", {"name": 3}, "ModelConfig.name: expected str, got int 3"),
     ("model", {"max_length": 0}, "ModelConfig.max_length: must be >= 1"),
