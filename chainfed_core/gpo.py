@@ -75,13 +75,14 @@ def global_branch(backbone: Backbone, hidden: torch.Tensor, subsequent: Sequence
 def gpo_loss(backbone: Backbone, window_out: torch.Tensor, batch: dict[str, torch.Tensor],
              ctx: LayerContext, subsequent: Sequence[int], lam: float) -> GPOLoss:
     """The mixed objective of Eq. 2; the end-to-end loss alone when nothing follows the window.
-    The local loss reads with the model's stage head where it has one (``local_head="stage"``)."""
+    The local loss reads with the model's stage head where it has one (``local_head="stage"``)
+    and the local loss has weight (lambda < 1: at lambda = 1 both readings are the same)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"ChainConfig.gpo_lambda must lie in [0, 1], got {lam}")
     if not subsequent:
         local, logits = backbone.head_loss(window_out, batch, ctx)
         return GPOLoss(total=local, local=local, global_=None, logits=logits)
-    with _stage_head_in_place(backbone):
+    with _stage_head_in_place(backbone, lam < 1.0):
         local, logits = backbone.head_loss(window_out, batch, ctx)
     global_, _ = backbone.head_loss(global_branch(backbone, window_out, subsequent), batch, ctx)
     total = (1.0 - lam) * local + lam * global_
@@ -142,10 +143,10 @@ def stage_head_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
 
 
 @contextmanager
-def _stage_head_in_place(backbone: Backbone) -> Iterator[None]:
-    """Within the block the model's head modules are the stage head's (if it has one)."""
+def _stage_head_in_place(backbone: Backbone, wanted: bool) -> Iterator[None]:
+    """Within the block the model's head modules are the stage head's (if it has one and it is ``wanted``)."""
     heads = getattr(backbone.model, STAGE_HEAD_ATTR, None)
-    if heads is None:
+    if heads is None or not wanted:
         yield
         return
     swapped = []

@@ -150,6 +150,12 @@ def test_stage_head_is_exchanged_averaged_and_kept_by_window_position(tmp_path, 
     assert not any(k.startswith("stage_head.") for k in load_final_state(tmp_path / "stage"))
 
 
+def test_at_lambda_one_the_readings_are_the_same_run(tmp_path, one_thread):
+    shared = run(_config(rounds=3, gpo_lambda=1.0), tmp_path / "shared", progress=False)
+    stage = run(_config(rounds=3, gpo_lambda=1.0, local_head="stage"), tmp_path / "stage", progress=False)
+    assert without_timing(shared["history"]) == without_timing(stage["history"])
+
+
 def test_server_averages_the_stage_head_and_reuses_it_on_the_next_pass():
     from chainfed_core.server import Server
     import numpy as np
