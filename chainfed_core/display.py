@@ -86,7 +86,7 @@ def sig(value, digits: int = 3) -> str:
 
     ``0.83754 -> '0.838'``, ``70.93 -> '70.9'``, ``1234.5 -> '1,230'``, ``0.5 -> '0.500'``;
     integers are shown whole (``12 -> '12'``), NaN and None as "–", anything else (text such
-    as "not found") as it is.
+    as "not reported") as it is.
     """
     if value is None:
         return MISSING
@@ -160,23 +160,6 @@ def saved(path: str | Path, what: str = "read back by the tests and the report")
     count = sum(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in numbers_held.values())
     shown = path.resolve().relative_to(_repo_root()) if path.resolve().is_relative_to(_repo_root()) else path
     return Markdown(f"Summary written to `{shown}`: {count} numbers, {what}.")
-
-
-def paper_gaps(missing: list[str]) -> str:
-    """In words, which of the paper's numbers are not transcribed yet, from the names
-    :func:`chainfed_core.paper.not_found` lists ("Table 1 ...", "Figure 8 W=2 accuracy",
-    "hyper-parameter lr"), counted per table or figure."""
-    if not missing:
-        return "Every paper value the notebooks cite is transcribed."
-    counts: dict[str, int] = {}
-    for name in missing:
-        words = name.split()
-        group = " ".join(words[:2]) if words[0] in ("Table", "Figure") else words[0] + "s"
-        counts[group] = counts.get(group, 0) + 1
-    parts = [f"{group} ({n} value{'s' if n > 1 else ''})" for group, n in counts.items()]
-    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return (f"Not yet transcribed from the paper: {listed}; the notebooks show \"not found\" "
-            "beside our numbers there.")
 
 
 def _repo_root() -> Path:

@@ -218,12 +218,23 @@ def ensure_run(config: RunConfig, root: str | Path, *, runner: Callable | None =
     return runner(config, folder, progress=progress)
 
 
-def run_grid(runs: list[Run], root: str | Path, *, progress: bool = True, runner: Callable | None = None):
-    """Run what is missing of ``runs`` under ``root``; one tidy DataFrame row per run (:func:`summarise`)."""
+def run_grid(runs: list[Run], root: str | Path, *, progress: bool = True, runner: Callable | None = None,
+             run_missing: bool = True):
+    """Run what is missing of ``runs`` under ``root``; one tidy DataFrame row per run (:func:`summarise`).
+
+    ``run_missing=False`` trains nothing: the runs without a record are left out of the frame
+    and counted per variant in one printed line (tables then read "not run" there).
+    """
     import pandas as pd
     from tqdm.auto import tqdm
 
     done = {rid for rid in {r.run_id for r in runs} if (Path(root) / rid / RECORD_FILE).exists()}
+    if not run_missing:
+        skipped = [r.variant for r in runs if r.run_id not in done]
+        if skipped:
+            counts = {v: skipped.count(v) for v in dict.fromkeys(skipped)}
+            print("not run yet (run_missing=False): " + ", ".join(f"{v} x {n}" for v, n in counts.items()))
+        runs = [r for r in runs if r.run_id in done]
     bar = tqdm(runs, desc=f"grid ({len(done)} of {len(runs)} cached)", disable=not progress)
     rows = []
     for run in bar:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from chainfed_core import display, paper  # noqa: E402
+from chainfed_core import paper  # noqa: E402
 from chainfed_core.experiments import profile as profile_settings  # noqa: E402
 from chainfed_core.records import code_version  # noqa: E402  (read now, before a notebook writes anything)
 
@@ -226,7 +226,7 @@ def write_index(results: list[dict], profile: str, out_dir: Path, index: Path | 
 arXiv 2604.06819), each comparing ChainFed with the baselines and ablations the paper reports.
 Profile <code>{profile}</code>: {html.escape(profile_settings(profile)['help'])}</p>
 <p>{outcome} Each section says what its notebook reproduces and shows its figure; the linked notebook holds
-every table, our numbers beside the paper's. {html.escape(display.paper_gaps(paper.not_found()))}</p>
+every table, our numbers beside the paper's. {html.escape(paper.LEGEND)}</p>
 <p><small>Code version {html.escape(str(code_version()))}; written {time.strftime('%Y-%m-%d %H:%M')}.</small></p>
 {body}
 </body></html>"""

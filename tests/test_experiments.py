@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from chainfed_core import experiments as ex
-from chainfed_core import paper
 from chainfed_core.config import RunConfig
 from chainfed_core.records import RECORD_FILE
 
@@ -64,7 +63,7 @@ def test_unknown_names_are_rejected():
         ex.grid("quick", ["FedProx"])
 
 
-def test_run_grid_runs_only_what_is_missing(tmp_path):
+def test_run_grid_runs_only_what_is_missing(tmp_path, capsys):
     calls = []
 
     def fake_run(config, folder, progress=False):
@@ -79,6 +78,9 @@ def test_run_grid_runs_only_what_is_missing(tmp_path):
     runs = ex.grid("quick", ["ChainFed", "Full Adapters"], partitions=["iid"], overrides={"fed": {"rounds": 3}})
     df = ex.run_grid(runs[:1], tmp_path, progress=False, runner=fake_run)
     assert len(calls) == 1 and (tmp_path / runs[0].run_id / RECORD_FILE).exists()
+    df = ex.run_grid(runs, tmp_path, progress=False, runner=fake_run, run_missing=False)
+    assert len(calls) == 1 and list(df["variant"]) == ["ChainFed"]         # the missing run left out, not trained
+    assert "not run yet (run_missing=False): Full Adapters x 1" in capsys.readouterr().out
     df = ex.run_grid(runs, tmp_path, progress=False, runner=fake_run)
     assert calls == [runs[0].run_id, runs[1].run_id]          # the first run was reused
     assert list(df["variant"]) == ["ChainFed", "Full Adapters"]
@@ -145,9 +147,3 @@ def test_peak_memory_orders_methods():
     chain = cfgs["ChainFed"]
     assert ex.peak_memory_bytes(chain, 2) < ex.peak_memory_bytes(chain, 4)
 
-
-def test_paper_values_are_sourced_or_none():
-    assert paper.value(paper.HEADLINE["peak_memory_reduction_roberta_large"]) == 16.87
-    assert paper.value(paper.TABLE4["ChainFed"]) is None
-    for entry in [*paper.HEADLINE.values(), *paper.HYPERPARAMETERS.values()]:
-        assert entry is None or entry.source
