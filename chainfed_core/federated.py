@@ -29,6 +29,7 @@ import filelock
 from .backbone import Backbone
 from .checkpoint import CHECKPOINT_FILE, METRICS_FILE, Checkpointer, read_metrics, rewrite_metrics
 from .config import RunConfig
+from .convergence import converged, finished
 from .population import Population
 from .records import RECORD_FILE, atomic_write_json, make_record
 from .rounds import AllClientsFailed, Job, client_profile, client_update, evaluator, run_rounds
@@ -101,7 +102,9 @@ def run_record(config: RunConfig, server: Server, started: float, **extra) -> di
                        start_layer=server.state["start_layer"], window=server.window,
                        foat_scores=server.state["foat_scores"], eligible_clients=int(len(server.eligible)),
                        num_clients=config.data.num_clients, need_gb=server.need_bytes / server.bytes_per_gb,
-                       final=history[-1] if history else {}, **extra)
+                       final=history[-1] if history else {},
+                       stopped="converged" if converged(history, config.fed.stop_patience, config.fed.stop_tolerance)
+                       else "rounds", **extra)
 
 
 def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None = None,
@@ -138,7 +141,7 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     pop = Population(cfg, task.train)
     server = Server(cfg, backbone, pop.capacity_gb, seq_len(task.train))
     _open(out, server)
-    if server.state["round"] >= cfg.fed.rounds and (out / RECORD_FILE).exists():
+    if finished(cfg, server.state) and (out / RECORD_FILE).exists():
         return json.loads((out / RECORD_FILE).read_text())     # finished already: its record stands as written
     clients = LocalClients(cfg, backbone, pop, server, task.pad_id)
     checkpoints = Checkpointer(out)
@@ -154,7 +157,7 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     finally:
         gc.unfreeze()
         checkpoints.close()
-        if status == "failed" or server.state["round"] >= cfg.fed.rounds:
+        if status == "failed" or finished(cfg, server.state):
             record = run_record(cfg, server, started, data=task.data,
                                 **({"status": status} if status != "complete" else {}))
             atomic_write_json(out / RECORD_FILE, record)

@@ -29,6 +29,7 @@ from . import foat
 from .aggregation import state_bytes
 from .backbone import Backbone
 from .config import RunConfig
+from .convergence import finished
 from .seeding import client_seed, injected_failure, seed_generators
 from .server import Server
 from .schedule import TrainPlan
@@ -170,7 +171,8 @@ def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], 
                checkpoints=None, progress: bool = False, started: float | None = None,
                max_failed_rounds: int = 1) -> list[dict]:
     """FOAT (if the start layer is not set yet), then the rounds from the server's current
-    one to ``fed.rounds``; returns the metrics history.
+    one to ``fed.rounds``, or until the run converges (:mod:`chainfed_core.convergence`,
+    ``fed.stop_patience``); returns the metrics history.
 
     ``checkpoints`` (a :class:`chainfed_core.checkpoint.Checkpointer`) gets the metrics line
     and the server state after every round. After ``max_failed_rounds`` consecutive rounds
@@ -190,6 +192,8 @@ def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], 
     bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress, leave=False,
                desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
     for r in bar:
+        if finished(cfg, st):
+            break                         # checked first: a resumed run that had converged stops there
         round_started = time.perf_counter()
         metrics = run_round(server, transport, r, evaluate)
         metrics["seconds_round"] = time.perf_counter() - round_started     # without the checkpoint below

@@ -1,0 +1,77 @@
+"""The stopping rule every method trains under: hand-made histories, and runs that stop, resume and keep their hash."""
+
+import json
+import math
+
+import pytest
+
+from chainfed_core import convergence as cv
+from chainfed_core.config import RunConfig
+from chainfed_core.experiments import config_hash
+from chainfed_core.federated import run
+from chainfed_core.records import RECORD_FILE
+
+from runtime_checks import assert_kill_9_resumes_bitwise
+from test_federated import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def history(accs, every=1, nbytes=10, seconds=0.5):
+    out = []
+    for r in range(len(accs) * every):
+        m = {"round": r, "bytes_up": nbytes, "bytes_down": nbytes, "bytes_down_context": 1, "seconds_train": seconds}
+        if (r + 1) % every == 0:
+            m["test_accuracy"] = accs[r // every]
+        out.append(m)
+    return out
+
+
+def test_the_rule_on_hand_made_curves():
+    rising = history([0.50, 0.60, 0.70, 0.80])
+    assert not cv.converged(rising, 2, 0.005) and cv.converged(rising, 2, 0.10)   # steps of 10 points
+    plateau = history([0.50, 0.70, 0.702, 0.699, 0.701])
+    assert not cv.converged(plateau[:3], 3, 0.005)                   # only 3 evaluations, the first far below
+    assert cv.converged(plateau[:4], 3, 0.005) and cv.converged(plateau, 3, 0.005)
+    assert not cv.converged(plateau, None, 0.005)                     # no patience: never
+    dip = history([0.70, 0.60, 0.69, 0.70])
+    assert not cv.converged(dip, 3, 0.005) and cv.converged(dip, 2, 0.015)
+    assert cv.convergence_round(plateau, 0.005) == 2.0                 # 0.70 is within 0.5 points of 0.702
+    assert cv.convergence_round(history([0.5, 0.6], every=3), 0.0) == 6.0
+    assert math.isnan(cv.convergence_round([{"round": 0}], 0.005))
+    assert cv.first_reaching(plateau, 0.699) == 2.0 and math.isnan(cv.first_reaching(plateau, 0.8))
+
+
+def test_costs_are_counted_up_to_a_round():
+    h = history([0.5, 0.6, 0.7], every=2)
+    assert cv.cost_until(h, 4) == {"rounds": 4.0, "bytes": 4 * 21.0, "client_seconds": 2.0}
+    assert all(math.isnan(v) for v in cv.cost_until(h, math.nan).values())
+
+
+def test_a_run_stops_when_converged_and_a_rerun_does_not_train_again(tmp_path):
+    # tolerance 1.0: every evaluation is "at the best", so patience 2 with eval_every 1 stops after round 2 of 6
+    cfg = RunConfig.from_dict(tiny_config(rounds=6, eval_every=1, stop_patience=2, stop_tolerance=0.99))
+    record = run(cfg, tmp_path, progress=False)
+    assert [m["round"] for m in record["history"]] == [0, 1] and record["stopped"] == "converged"
+    again = run(cfg, tmp_path, progress=False)
+    assert again["history"] == record["history"]
+    capped = run(RunConfig.from_dict(tiny_config(rounds=3, eval_every=1)), tmp_path / "capped", progress=False)
+    assert len(capped["history"]) == 3 and capped["stopped"] == "rounds"
+
+
+def test_the_rule_leaves_older_configs_alone():
+    plain = RunConfig.from_dict(tiny_config())
+    assert "stop_patience" not in plain.to_dict()["fed"] and "stop_tolerance" not in plain.to_dict()["fed"]
+    stopping = RunConfig.from_dict(tiny_config(stop_patience=5))
+    assert stopping.to_dict()["fed"]["stop_patience"] == 5 and config_hash(stopping) != config_hash(plain)
+    with pytest.raises(ValueError, match="FedConfig.stop_patience: must be >= 1"):
+        RunConfig.from_dict(tiny_config(stop_patience=0))
+    with pytest.raises(ValueError, match="FedConfig.stop_tolerance"):
+        RunConfig.from_dict(tiny_config(stop_tolerance=-0.1))
+
+
+def test_a_stopping_run_killed_midway_resumes_bitwise(tmp_path):
+    cfg = RunConfig.from_dict(tiny_config(rounds=8, eval_every=1, stop_patience=3, stop_tolerance=0.99))
+    killed, reference = assert_kill_9_resumes_bitwise(cfg, tmp_path, after_rounds=1)
+    record = json.loads((killed / RECORD_FILE).read_text())
+    assert len(record["history"]) == 3 and record["stopped"] == "converged"
