@@ -258,6 +258,9 @@ class FedConfig(Config):
     memory_scale: Optional[float] = option("Bytes per GB of device capacity; None: scale so the largest device "
                                           "(12 GB) just holds end-to-end adapter tuning of this model.", None, gt=0)
     window_from_memory: bool = option("Set the chain window W from the smallest eligible device (paper D.3).", False)
+    fewer_eligible: bool = option("Where fewer than K clients can hold the method, sample every eligible one each "
+                                  "round instead of failing (the paper's memory-aware protocol).", False,
+                                  added="2026-12")
     stop_patience: Optional[int] = option("Stop once the last this-many evaluations all lie within stop_tolerance "
                                           "of the best test accuracy so far (chainfed_core.convergence); None: "
                                           "always run fed.rounds.", None, ge=1, added="2026-12")

@@ -33,6 +33,7 @@ from .config import RunConfig
 from .records import RECORD_FILE, atomic_write_json, code_version
 
 NOT_YET_RUN = "not yet run"
+COULD_NOT_RUN = "could not run"     # a record's status where no device could hold the method
 PAPER_BASELINES = ("FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA")   # Table 1's, by variant name
 GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, model and seed
 
@@ -215,7 +216,16 @@ def ensure_run(config: RunConfig, root: str | Path, *, runner: Callable | None =
         raise ValueError(f"{path} holds a different config than its hash names; remove the folder to rerun it")
     if runner is None:
         from .federated import run as runner
-    return runner(config, folder, progress=progress)
+    from .server import NoEligibleClient
+
+    try:
+        return runner(config, folder, progress=progress)
+    except NoEligibleClient as error:             # the paper's "—": recorded, so the grid need not ask again
+        record = {"config": config.to_dict(), "status": COULD_NOT_RUN, "reason": str(error), "history": [],
+                  "code_version": code_version()}
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, record)
+        return record
 
 
 def run_grid(runs: list[Run], root: str | Path, *, progress: bool = True, runner: Callable | None = None,
@@ -259,6 +269,7 @@ def summarise(run: Run, record: dict) -> dict[str, Any]:
     cfg = run.config
     return {"variant": run.variant, "method": cfg.method, "model": run.model, "dataset": run.dataset,
             "partition": run.partition, "seed": run.seed, "run_id": run.run_id,
+            "status": record.get("status", "complete"), "eligible_clients": record.get("eligible_clients"),
             "accuracy": curve[-1][1] if curve else math.nan, "rounds": len(history), "bytes_total": total,
             "peak_memory_bytes": peak_memory_bytes(cfg, record.get("window") or cfg.chain.window),
             "start_layer": record.get("start_layer"), "window": record.get("window"),

@@ -25,6 +25,10 @@ from .seeding import FOAT, sample_clients
 from .train import layer_of, trainable_names
 
 
+class NoEligibleClient(ValueError):
+    """No device of the population can hold the method (the paper's "—" in Table 1)."""
+
+
 class Server:
     """Schedule, client selection, downlink and aggregation of one run.
 
@@ -64,14 +68,19 @@ class Server:
         cfg, need, per_gb = self.config, self.need_bytes, self.bytes_per_gb
         fits = capacity >= need
         if not fits.any():
-            raise ValueError(f"RunConfig.method: no client can fit {cfg.method!r}: it needs {need / per_gb:.2f} "
-                             f"GB-equivalent, the largest device has {capacity.max() / per_gb:.2f} GB")
+            raise NoEligibleClient(f"RunConfig.method: no client can fit {cfg.method!r}: it needs {need / per_gb:.2f} "
+                                   f"GB-equivalent, the largest device has {capacity.max() / per_gb:.2f} GB")
         eligible = np.flatnonzero(fits) if cfg.fed.memory_aware else np.arange(len(capacity))
-        if cfg.fed.clients_per_round > len(eligible):
+        if cfg.fed.clients_per_round > len(eligible) and not cfg.fed.fewer_eligible:
             raise ValueError(f"FedConfig.clients_per_round: K={cfg.fed.clients_per_round} exceeds the "
                              f"{len(eligible)} eligible clients (of {len(capacity)}; method {cfg.method!r} "
                              f"needs {need / per_gb:.2f} GB-equivalent)")
         return eligible
+
+    @property
+    def clients_per_round(self) -> int:
+        """K, or every eligible client where fewer are eligible (``fed.fewer_eligible``)."""
+        return min(self.config.fed.clients_per_round, len(self.eligible))
 
     # -- FOAT
     @property
@@ -79,7 +88,7 @@ class Server:
         return self.state["start_layer"] is None
 
     def foat_clients(self) -> list[int]:
-        k = min(self.config.fed.clients_per_round, len(self.eligible))
+        k = self.clients_per_round
         return sample_clients(self.config.seed, 0, self.eligible, k, tag=FOAT)
 
     def set_start(self, client_scores: list[list[float]], weights: list[float]) -> int:
@@ -98,7 +107,7 @@ class Server:
         return self.method.client_plan(round_index, client, plan, float(self.capacity_bytes[client]))
 
     def round_clients(self, round_index: int) -> list[int]:
-        return sample_clients(self.config.seed, round_index, self.eligible, self.config.fed.clients_per_round)
+        return sample_clients(self.config.seed, round_index, self.eligible, self.clients_per_round)
 
     def window_names(self, plan) -> list[str]:
         """Global tensors the plan trains (computed once per plan: every client of a round asks)."""

@@ -34,18 +34,28 @@ def text(mean: float, se: float, digits: int = 1) -> str:
 def beside_paper(df, variants: Sequence[str], paper_cell: Callable, *, cells: Sequence[str] = CELL):
     """Rows: ``variants``; columns: (dataset partition, "ours" | "paper") for every cell in
     ``df``. "ours" is ``mean ± SE`` over seeds (%); "paper" is ``paper_cell(model, dataset,
-    partition, variant)`` (a number, "—" or "not reported"). A variant without runs reads "not run"."""
+    partition, variant)`` (a number, "—" or "not reported"). A variant without runs reads "not
+    run"; one that no device could hold in any seed (status "could not run") reads "—", as in the paper."""
     import pandas as pd
 
     stats = mean_se(df, [*cells, "variant"])
-    columns, rows = {}, {v: {} for v in variants}
+    blocked = set(_could_not_run(df, [*cells, "variant"]))
+    rows = {v: {} for v in variants}
     for key in dict.fromkeys(tuple(k[:-1]) for k in stats.index):
         label = " ".join(str(k) for k in key[1:]) if len({k[0] for k in stats.index}) == 1 else " ".join(map(str, key))
-        columns[key] = label
         for v in variants:
             row = stats.loc[(*key, v)] if (*key, v) in stats.index else None
-            rows[v][(label, "ours")] = text(row["mean"], row["se"]) if row is not None else "not run"
+            ours = text(row["mean"], row["se"]) if row is not None and row["n"] else "not run"
+            rows[v][(label, "ours")] = "—" if (*key, v) in blocked else ours
             rows[v][(label, "paper")] = paper_cell(*key, v)
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return frame.rename_axis("method")
+
+
+def _could_not_run(df, by: Sequence[str]) -> list[tuple]:
+    """The ``by`` groups in which every run's record says no device could hold the method."""
+    if "status" not in df:
+        return []
+    flags = df.assign(blocked=df["status"] == "could not run").groupby(list(by), sort=False)["blocked"].all()
+    return [k for k, v in flags.items() if v]

@@ -75,3 +75,28 @@ def test_a_stopping_run_killed_midway_resumes_bitwise(tmp_path):
     killed, reference = assert_kill_9_resumes_bitwise(cfg, tmp_path, after_rounds=1)
     record = json.loads((killed / RECORD_FILE).read_text())
     assert len(record["history"]) == 3 and record["stopped"] == "converged"
+
+
+def test_fewer_eligible_samples_every_eligible_client(tmp_path):
+    strict = tiny_config(clients_per_round=19, memory_aware=True)
+    with pytest.raises(ValueError, match="FedConfig.clients_per_round: K=19 exceeds the"):
+        run(RunConfig.from_dict(strict), tmp_path / "strict", progress=False)
+    record = run(RunConfig.from_dict(tiny_config(clients_per_round=19, memory_aware=True, fewer_eligible=True)),
+                 tmp_path / "loose", progress=False)
+    eligible = record["eligible_clients"]
+    assert 0 < eligible < 19 and all(len(m["clients"]) == eligible for m in record["history"])
+
+
+def test_a_method_no_device_holds_is_recorded_as_the_papers_dash(tmp_path):
+    from chainfed_core import experiments as ex, paper, tables
+
+    runs = ex.grid("quick", ["FFT", "LP"], partitions=["iid"], overrides={"fed": {"rounds": 1, "memory_aware": True,
+                                                                                  "memory_scale": None}})
+    df = ex.run_grid(runs, tmp_path, progress=False)          # FFT needs more than the largest device (12 GB = FA)
+    fft = df[df["variant"] == "FFT"].iloc[0]
+    assert fft["status"] == ex.COULD_NOT_RUN and math.isnan(fft["accuracy"])
+    record = json.loads((tmp_path / fft["run_id"] / RECORD_FILE).read_text())
+    assert "no client can fit 'fft'" in record["reason"] and record["config"] == runs[0].config.to_dict()
+    assert ex.run_grid(runs, tmp_path, progress=False)["status"].tolist() == [ex.COULD_NOT_RUN, "complete"]
+    frame = tables.beside_paper(df, ["FFT", "LP"], paper.table1_cell)
+    assert frame.iloc[0, 0] == "—" and frame.iloc[1, 0] != "—"
