@@ -48,13 +48,17 @@ def random_token_dataset(n: int, seq_len: int, vocab: int, num_labels: int = 2, 
 
 
 def measure_peak(config_like, method: str, window: int = 1, *, batch_size: int, seq_len: int, folder,
-                 bottleneck: int = 64, streamed: bool = False, window_start: int = 0) -> MemoryReport:
+                 bottleneck: int = 64, streamed: bool = False, window_start: int = 0,
+                 cached: bool = False) -> MemoryReport:
     """The meter's peak over two steps of ``method`` (``no_ft``: two inference batches) on a
     random-weight model of a config's shape, float32 with SGD: the setting
     :func:`~chainfed_core.memory_model.peak_training_bytes` predicts for the same arguments.
 
     The weights are written once as a layer store in ``folder`` (reused when it is there);
-    ``streamed`` ChainFed reads them part by part with prefetch, otherwise all are resident.
+    ``streamed`` ChainFed reads them part by part with prefetch, otherwise all are resident;
+    ``cached`` (with ``streamed``) fills the frozen-prefix activation cache first, one batch
+    in memory and the rest on disk, and measures the window's steps fed from it, as deployed
+    (:func:`~chainfed_core.memory_model.streamed_chainfed_bytes`).
     """
     from .methods import get_method, plan_for
     from .train import evaluate
@@ -68,15 +72,23 @@ def measure_peak(config_like, method: str, window: int = 1, *, batch_size: int, 
     L = bb.num_layers
     stage = stage_at(window_start, L, 0, window, 1) if get_method(method).uses_chain else None
     plan = plan_for(method, L, stage, lam=0.1)
-    if streamed:
-        bb.follow(plan)
     data = random_token_dataset(2 * batch_size, seq_len, config.vocab_size, getattr(config, "num_labels", 2))
+    prefix = cache = None
+    if cached:
+        from .actcache import ActivationCache
+
+        one_batch = batch_size * seq_len * config.hidden_size * 4
+        cache = ActivationCache(bb, max_memory_bytes=one_batch, folder=folder / "cache")
+        prefix = cache.prefix("client", data, plan)          # filled before the measured steps
+    if streamed:
+        bb.follow(plan, cached=cached)
     try:
         if not plan.trains_anything:                   # No-FT: the peak of inference
             with MemoryMeter(bb) as meter:
                 evaluate(bb, data, batch_size=batch_size)
             return meter.report()
-        report, _ = metered_training(bb, data, plan, TrainConfig(batch_size=batch_size, local_steps=2))
+        report, _ = metered_training(bb, data, plan, TrainConfig(batch_size=batch_size, local_steps=2),
+                                     prefix=prefix, cache=cache)
         return report
     finally:
         bb.streamer.close()

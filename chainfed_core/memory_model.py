@@ -258,11 +258,53 @@ def client_peak_bytes(model_config_like, method: str, window: int = 1, *, batch_
     onto :func:`peak_training_bytes`).
 
     The one estimate behind memory-aware client selection, ``fed.window_from_memory`` and
-    the peak memory column of the result tables. ChainFed clients are taken to stream their
-    layers from a layer store (prefix recomputed, not cached): the paper's memory claim is
-    for such clients, so eligibility reflects ChainFed as deployed even though the in-process
-    simulator keeps every layer in memory. Every other built-in method holds the whole model.
+    the peak memory column of the result tables. ChainFed clients are taken as deployed
+    (:func:`streamed_chainfed_bytes`: layers streamed, the window fed from the activation
+    cache): the paper's memory claim is for such clients, so eligibility reflects ChainFed as
+    deployed even though the in-process simulator keeps every layer in memory. Every other
+    built-in method holds the whole model.
     """
     from .methods import get_method
     return get_method(method).peak_bytes(hf_config(model_config_like), window, batch_size=batch_size,
                                          seq_len=seq_len, bottleneck=bottleneck, optimizer=optimizer, dtype=dtype)
+
+
+def prefix_fill_bytes(model_config_like, batch_size: int = 8, seq_len: int = 128, dtype: str = "float32",
+                      compute_dtype: str | None = None, bottleneck: int = 64, cache_bytes: int = 0) -> MemoryEstimate:
+    """Peak tensor bytes of a streamed ChainFed client filling its frozen-prefix activation cache.
+
+    Once per window position the prefix runs forward only, one layer at a time with the next
+    one prefetched (two layers resident), the token embeddings gathered row by row from the
+    memory-mapped layer store (a batch's rows, B x T x H, not the table: the rest of the
+    mapped file stays on disk); every adapter and the head stay resident (they are trained and
+    exchanged); the cache holds ``cache_bytes`` in memory and spills the rest to disk.
+    """
+    config = hf_config(model_config_like)
+    family, sizes, d = config.model_type, part_sizes(config), _dims(config)
+    wb, cb = _BYTES[dtype], _BYTES[compute_dtype or dtype]
+    B, T, H, L = batch_size, seq_len, d["H"], sizes["num_layers"]
+    head_trains = _head_trains("chainfed", family)
+    frozen = (sizes["rest"] + 2 * sizes["layer"]) * wb + B * T * H * wb
+    frozen += 0 if head_trains else sizes["head"] * wb
+    trainable = L * (2 * H * bottleneck + H + bottleneck) * 4 + (sizes["head"] * 4 if head_trains else 0)
+    acts = B * T * _inference_elements(family, d, T) * cb + _mask_bytes(family, d, B, T, cb) + B * T * H * cb
+    return MemoryEstimate(frozen_weights=int(frozen), trainable=int(trainable), gradients=0, optimizer_state=0,
+                          activations=int(acts), cache=int(cache_bytes),
+                          notes={"family": family, "num_layers": L, "phase": "prefix fill", "batch_size": B,
+                                 "seq_len": T, "dtype": dtype})
+
+
+def streamed_chainfed_bytes(model_config_like, window: int, *, batch_size: int, seq_len: int, bottleneck: int = 64,
+                            optimizer: Literal["sgd", "adamw"] = "sgd", dtype: str = "float32") -> MemoryEstimate:
+    """Peak of a ChainFed client as deployed: layers streamed from a layer store, the window's
+    input read from the frozen-prefix activation cache, which keeps one batch in memory and
+    spills the rest of the client's examples to disk. The larger of the two phases: a window
+    step (:func:`peak_training_bytes`, ``streamed`` and ``cached``) and the cache fill once per
+    window position (:func:`prefix_fill_bytes`); ``notes["phase"]`` says which."""
+    config = hf_config(model_config_like)
+    one_batch = batch_size * seq_len * _dims(config)["H"] * _BYTES[dtype]
+    step = peak_training_bytes(config, "chainfed", window, batch_size, seq_len, dtype=dtype, bottleneck=bottleneck,
+                               optimizer=optimizer, streamed=True, cached=True, cache_bytes=one_batch)
+    fill = prefix_fill_bytes(config, batch_size, seq_len, dtype=dtype, bottleneck=bottleneck, cache_bytes=one_batch)
+    step.notes["phase"] = "window step"
+    return step if step.total >= fill.total else fill

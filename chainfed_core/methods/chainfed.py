@@ -15,8 +15,10 @@ Its hyper-parameters are ``RunConfig.chain`` (:class:`chainfed_core.config.Chain
   (paper D.3).
 
 The paper's ablations are settings of this one method (:attr:`ChainFed.variants`).
-Memory is that of a client streaming its layers from a layer store (only the window, the
-head and one prefetched part resident), as the method is deployed.
+Memory is that of a client as deployed (``memory_model.streamed_chainfed_bytes``): layers
+streamed from a layer store, the window's input read from the frozen-prefix activation
+cache (one batch in memory, the rest spilled to disk), so only the window, the adapters and
+the head are resident; the cache fill, once per window position, holds two layers at a time.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class ChainFed(Method):
         if stage:
             at_round, layer = self._stage_head_at
             if at_round != round_index:
-                raise RuntimeError(f"chainfed: round {round_index}'s stage head was not sent (last sent: round {at_round})")
+                raise RuntimeError(f"chainfed: round {round_index}'s stage head was never sent "
+                                   f"(the last one went out in round {at_round})")
             self.state["stage_heads"] = {**self.state.get("stage_heads", {}), layer: stage}
         return {n: t for n, t in avg.items() if n not in stage}
 
@@ -113,6 +116,6 @@ class ChainFed(Method):
 
     @classmethod
     def peak_bytes(cls, hf_config, window, *, batch_size, seq_len, bottleneck, optimizer, dtype):
-        from ..memory_model import peak_training_bytes
-        return peak_training_bytes(hf_config, "chainfed", window, batch_size=batch_size, seq_len=seq_len,
-                                   dtype=dtype, bottleneck=bottleneck, optimizer=optimizer, streamed=True)
+        from ..memory_model import streamed_chainfed_bytes
+        return streamed_chainfed_bytes(hf_config, window, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                                       bottleneck=bottleneck, optimizer=optimizer)
