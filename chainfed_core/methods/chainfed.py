@@ -114,6 +114,12 @@ class ChainFed(Method):
                 window = max(w for w in range(1, self.num_layers + 1) if w == 1 or peak(w) <= smallest)
         return window
 
+    def min_rounds(self, start_layer: int, window: int) -> int:
+        """Every window position of every pass trains before the run may stop as converged: a
+        plateau while the window still slides says nothing about the layers it has not reached."""
+        from ..schedule import total_rounds
+        return total_rounds(self.num_layers, start_layer, window, self.config.chain.passes)
+
     @classmethod
     def peak_bytes(cls, hf_config, window, *, batch_size, seq_len, bottleneck, optimizer, dtype):
         from ..memory_model import streamed_chainfed_bytes
