@@ -63,7 +63,10 @@ def cost_until(history: Sequence[dict], rounds: float) -> dict[str, float]:
             "client_seconds": float(sum(m.get("seconds_train", 0.0) for m in done))}
 
 
-def finished(config, state: dict) -> bool:
-    """Whether a run is over: ``fed.rounds`` done, or converged by ``fed.stop_patience``."""
-    return state["round"] >= config.fed.rounds or converged(state["history"], config.fed.stop_patience,
-                                                            config.fed.stop_tolerance)
+def finished(config, state: dict, min_rounds: int = 0) -> bool:
+    """Whether a run is over: ``fed.rounds`` done, or, after ``min_rounds`` (the method's
+    :meth:`~chainfed_core.methods.Method.min_rounds`), converged by ``fed.stop_patience``."""
+    if state["round"] >= config.fed.rounds:
+        return True
+    return state["round"] >= min_rounds and converged(state["history"], config.fed.stop_patience,
+                                                      config.fed.stop_tolerance)

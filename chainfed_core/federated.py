@@ -29,7 +29,6 @@ import filelock
 from .backbone import Backbone
 from .checkpoint import CHECKPOINT_FILE, METRICS_FILE, Checkpointer, read_metrics, rewrite_metrics
 from .config import RunConfig
-from .convergence import converged, finished
 from .population import Population
 from .records import RECORD_FILE, atomic_write_json, make_record
 from .rounds import AllClientsFailed, Job, client_profile, client_update, evaluator, run_rounds
@@ -103,7 +102,7 @@ def run_record(config: RunConfig, server: Server, started: float, **extra) -> di
                        foat_scores=server.state["foat_scores"], eligible_clients=int(len(server.eligible)),
                        num_clients=config.data.num_clients, need_gb=server.need_bytes / server.bytes_per_gb,
                        final=history[-1] if history else {},
-                       stopped="converged" if converged(history, config.fed.stop_patience, config.fed.stop_tolerance)
+                       stopped="converged" if server.finished() and server.state["round"] < config.fed.rounds
                        else "rounds", **extra)
 
 
@@ -141,7 +140,7 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     pop = Population(cfg, task.train)
     server = Server(cfg, backbone, pop.capacity_gb, seq_len(task.train))
     _open(out, server)
-    if finished(cfg, server.state) and (out / RECORD_FILE).exists():
+    if server.finished() and (out / RECORD_FILE).exists():
         return json.loads((out / RECORD_FILE).read_text())     # finished already: its record stands as written
     clients = LocalClients(cfg, backbone, pop, server, task.pad_id)
     checkpoints = Checkpointer(out)
@@ -157,7 +156,7 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     finally:
         gc.unfreeze()
         checkpoints.close()
-        if status == "failed" or finished(cfg, server.state):
+        if status == "failed" or server.finished():
             record = run_record(cfg, server, started, data=task.data,
                                 **({"status": status} if status != "complete" else {}))
             atomic_write_json(out / RECORD_FILE, record)

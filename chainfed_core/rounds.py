@@ -29,7 +29,6 @@ from . import foat
 from .aggregation import state_bytes
 from .backbone import Backbone
 from .config import RunConfig
-from .convergence import finished
 from .seeding import client_seed, injected_failure, seed_generators
 from .server import Server
 from .schedule import TrainPlan
@@ -192,7 +191,7 @@ def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], 
     bar = tqdm(range(st["round"], rounds), total=rounds, initial=st["round"], disable=not progress, leave=False,
                desc=f"{cfg.method} N={cfg.data.num_clients} K={cfg.fed.clients_per_round}")
     for r in bar:
-        if finished(cfg, st):
+        if server.finished():
             break                         # checked first: a resumed run that had converged stops there
         round_started = time.perf_counter()
         metrics = run_round(server, transport, r, evaluate)

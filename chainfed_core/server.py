@@ -22,6 +22,7 @@ from .config import RunConfig
 from .methods import get_method
 from .population import LARGEST_DEVICE_GB
 from .seeding import FOAT, sample_clients
+from .convergence import finished
 from .train import layer_of, trainable_names
 
 
@@ -76,6 +77,12 @@ class Server:
                              f"{len(eligible)} eligible clients (of {len(capacity)}; method {cfg.method!r} "
                              f"needs {need / per_gb:.2f} GB-equivalent)")
         return eligible
+
+    def finished(self) -> bool:
+        """Whether the run is over (:func:`chainfed_core.convergence.finished`, with the method's
+        minimum rounds at the chain's start layer and window)."""
+        st = self.state
+        return finished(self.config, st, self.method.min_rounds(st["start_layer"] or 0, self.window))
 
     @property
     def clients_per_round(self) -> int:

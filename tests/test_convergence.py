@@ -100,3 +100,13 @@ def test_a_method_no_device_holds_is_recorded_as_the_papers_dash(tmp_path):
     assert ex.run_grid(runs, tmp_path, progress=False)["status"].tolist() == [ex.COULD_NOT_RUN, "complete"]
     frame = tables.beside_paper(df, ["FFT", "LP"], paper.table1_cell)
     assert frame.iloc[0, 0] == "—" and frame.iloc[1, 0] != "—"
+
+
+def test_chainfed_may_stop_only_after_its_chain_is_covered(tmp_path):
+    data = tiny_config(rounds=8, eval_every=1, stop_patience=2, stop_tolerance=0.99)
+    data["chain"] = {**data["chain"], "passes": 2}
+    chain = run(RunConfig.from_dict(data), tmp_path / "chain", progress=False)
+    layers = 4                                           # tiny-bert; the window [1, 3) slides over 2 positions
+    assert len(chain["history"]) == 2 * (layers - 1 - 2 + 1) == 4 and chain["stopped"] == "converged"
+    full = run(RunConfig.from_dict({**data, "method": "full_adapters"}), tmp_path / "full", progress=False)
+    assert len(full["history"]) == 2                     # no schedule to cover: the rule alone

@@ -165,6 +165,11 @@ class Method:
         """The window W, given device capacities (bytes) and ``peak(method, w)`` in bytes."""
         return self.config.chain.window
 
+    def min_rounds(self, start_layer: int, window: int) -> int:
+        """Rounds before the convergence rule (``fed.stop_patience``) may stop the run: none by
+        default; ChainFed's schedule must first cover its chain."""
+        return 0
+
     # -- one client, the server
     def client_update(self, backbone: "Backbone", dataset, plan: TrainPlan, *, seed: int,
                       pad_id: int = 0) -> "LocalResult":
