@@ -39,8 +39,12 @@ RUN_COLUMNS = {
     "bytes_to_target": ("MB to target", 2.0 ** -20),
     "speedup": ("speed-up (×)", 1),
     "comm_reduction": ("communication reduction (×)", 1),
+    "rounds_to_converge": ("rounds to converge", 1),
+    "bytes_to_converge": ("MB to converge", 2.0 ** -20),
+    "client_s_to_converge": ("client seconds to converge", 1),
+    "eligible_clients": ("eligible devices", 1),
 }
-HIDDEN_RUN_COLUMNS = ("curve", "run_id", "method")
+HIDDEN_RUN_COLUMNS = ("curve", "costs", "run_id", "method")
 SHARED_LABELS = ("model", "dataset", "partition", "seed")     # said once in the caption when all runs share one
 
 

@@ -280,20 +280,31 @@ def summarise(run: Run, record: dict) -> dict[str, Any]:
     """Final metrics of a run: accuracy, communication, analytic peak memory and the test curve.
 
     ``curve`` holds (round, test accuracy, cumulative bytes up + down) at every evaluated
-    round; bytes count the window sent down, any context tensors, and the updates sent up.
+    round; bytes count the window sent down, any context tensors, and the updates sent up;
+    ``costs`` the same with the cumulative client training seconds as a fourth item. The
+    ``*_to_converge`` columns count rounds, bytes and client seconds up to the run's
+    convergence round (:func:`chainfed_core.convergence.convergence_round`).
     """
+    from .convergence import convergence_round, cost_until
+
     history = record.get("history", [])
-    total, curve = 0, []
+    total, seconds, curve, costs = 0, 0.0, [], []
     for m in history:
         total += m.get("bytes_up", 0) + m.get("bytes_down", 0) + m.get("bytes_down_context", 0)
+        seconds += m.get("seconds_train", 0.0)
         if "test_accuracy" in m:
             curve.append((m["round"] + 1, m["test_accuracy"], total))
+            costs.append((m["round"] + 1, m["test_accuracy"], total, seconds))
+    converged = cost_until(history, convergence_round(history, run.config.fed.stop_tolerance))
     cfg = run.config
     return {"variant": run.variant, "method": cfg.method, "model": run.model, "dataset": run.dataset,
             "partition": run.partition, "seed": run.seed, "run_id": run.run_id,
             "status": record.get("status", "complete"), "eligible_clients": record.get("eligible_clients"),
             "accuracy": curve[-1][1] if curve else math.nan, "rounds": len(history), "bytes_total": total,
             "peak_memory_bytes": peak_memory_bytes(cfg, record.get("window") or cfg.chain.window),
+            "stopped": record.get("stopped"), "rounds_to_converge": converged["rounds"],
+            "bytes_to_converge": converged["bytes"], "client_s_to_converge": converged["client_seconds"],
+            "costs": costs,
             "start_layer": record.get("start_layer"), "window": record.get("window"),
             "wall_s": record.get("wall_s"), "curve": curve}
 

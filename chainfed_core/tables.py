@@ -59,3 +59,53 @@ def _could_not_run(df, by: Sequence[str]) -> list[tuple]:
         return []
     flags = df.assign(blocked=df["status"] == "could not run").groupby(list(by), sort=False)["blocked"].all()
     return [k for k, v in flags.items() if v]
+
+
+GROUP = ["model", "dataset", "partition", "seed"]
+
+
+def versus(df, baseline: str = "Full Adapters"):
+    """Table 2's and Appendix H's columns against ``baseline``, per run (same model, data set,
+    partition and seed), from the grid's rows (:func:`chainfed_core.experiments.summarise`).
+
+    Until each run's own convergence (:mod:`chainfed_core.convergence`): ``speedup`` (the
+    baseline's rounds over the run's), ``compute_ratio`` (the baseline's client training
+    seconds over the run's, measured) and ``comm_reduction`` (bytes, the baseline's over the
+    run's). Until the baseline's final accuracy, where the run reaches it (NaN where not):
+    ``*_to_baseline`` the run's own rounds / bytes / seconds, and the same three ratios with
+    the baseline's cost of reaching its own final accuracy in the numerator.
+    """
+    out = df.copy()
+    cols = ["speedup", "compute_ratio", "comm_reduction", "rounds_to_baseline", "bytes_to_baseline",
+            "client_s_to_baseline", "speedup_to_baseline", "compute_ratio_to_baseline", "comm_reduction_to_baseline"]
+    for col in cols:
+        out[col] = math.nan
+    for _, idx in out.groupby(GROUP).groups.items():
+        group = out.loc[idx]
+        base = group[group["variant"] == baseline]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        b_reach = _reaching(b["costs"], b["accuracy"])
+        for i in idx:
+            r = out.loc[i]
+            out.loc[i, ["speedup", "compute_ratio", "comm_reduction"]] = [
+                _ratio(b["rounds_to_converge"], r["rounds_to_converge"]),
+                _ratio(b["client_s_to_converge"], r["client_s_to_converge"]),
+                _ratio(b["bytes_to_converge"], r["bytes_to_converge"])]
+            reach = _reaching(r["costs"], b["accuracy"])
+            out.loc[i, cols[3:6]] = reach
+            out.loc[i, cols[6:]] = [_ratio(b_reach[k], reach[k]) for k in (0, 2, 1)]   # rounds, seconds, bytes
+    return out
+
+
+def _reaching(costs, target: float) -> list[float]:
+    """(rounds, bytes, client seconds) at the first evaluation reaching ``target``; NaN if none."""
+    for rnd, acc, nbytes, seconds in costs:
+        if acc >= target - 1e-12:
+            return [float(rnd), float(nbytes), float(seconds)]
+    return [math.nan] * 3
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and b == b and a == a else math.nan

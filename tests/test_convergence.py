@@ -110,3 +110,25 @@ def test_chainfed_may_stop_only_after_its_chain_is_covered(tmp_path):
     assert len(chain["history"]) == 2 * (layers - 1 - 2 + 1) == 4 and chain["stopped"] == "converged"
     full = run(RunConfig.from_dict({**data, "method": "full_adapters"}), tmp_path / "full", progress=False)
     assert len(full["history"]) == 2                     # no schedule to cover: the rule alone
+
+
+def test_speedup_and_communication_against_the_baseline_by_hand():
+    import pandas as pd
+
+    from chainfed_core import tables
+
+    cell = {"model": "m", "dataset": "d", "partition": "iid", "seed": 0}
+    rows = [  # costs: (round, accuracy, cumulative bytes, cumulative client seconds)
+        {**cell, "variant": "Full Adapters", "accuracy": 0.80, "rounds_to_converge": 8.0, "bytes_to_converge": 800.0,
+         "client_s_to_converge": 40.0, "costs": [(4, 0.70, 400, 20), (8, 0.80, 800, 40)]},
+        {**cell, "variant": "ChainFed", "accuracy": 0.82, "rounds_to_converge": 4.0, "bytes_to_converge": 100.0,
+         "client_s_to_converge": 10.0, "costs": [(2, 0.75, 50, 5), (4, 0.82, 100, 10)]},
+        {**cell, "variant": "LP", "accuracy": 0.60, "rounds_to_converge": 2.0, "bytes_to_converge": 10.0,
+         "client_s_to_converge": 1.0, "costs": [(2, 0.60, 10, 1)]},
+    ]
+    out = tables.versus(pd.DataFrame(rows)).set_index("variant")
+    assert out.loc["ChainFed", ["speedup", "compute_ratio", "comm_reduction"]].tolist() == [2.0, 4.0, 8.0]
+    assert out.loc["ChainFed", ["rounds_to_baseline", "bytes_to_baseline"]].tolist() == [4.0, 100.0]
+    assert out.loc["ChainFed", ["speedup_to_baseline", "comm_reduction_to_baseline"]].tolist() == [2.0, 8.0]
+    assert out.loc["Full Adapters", "speedup"] == 1.0
+    assert math.isnan(out.loc["LP", "speedup_to_baseline"]) and out.loc["LP", "speedup"] == 4.0   # never reaches 80%
