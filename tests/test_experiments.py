@@ -158,3 +158,17 @@ def test_the_cpu_profile_follows_the_papers_protocol():
         assert (cfg.fed.clients_per_round, cfg.data.num_clients, cfg.fed.stop_patience) == (15, 100, 5)
         assert cfg.data.max_train_examples == 6000 and cfg.data.max_test_examples == 2000
     assert (runs["ChainFed"].chain.gpo_lambda, runs["ChainFed"].chain.foat_tau) == (0.2, 0.8)   # DistilBERT's, D.3
+
+
+def test_run_profile_lists_what_is_left_and_refuses_unknown_variants(capsys):
+    import importlib.util
+
+    path = ex.Path(__file__).resolve().parent.parent / "scripts" / "run_profile.py"
+    spec = importlib.util.spec_from_file_location("run_profile", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--profile", "quick", "--variants", "LP", "ChainFed", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("quick: 4 runs, 4 recorded, 0 to run")      # both partitions; committed
+    with pytest.raises(SystemExit):
+        script.main(["--profile", "quick", "--variants", "Chainfed"])
+    assert "variant: 'Chainfed' is not one of" in capsys.readouterr().err
