@@ -43,6 +43,7 @@ RUN_COLUMNS = {
     "bytes_to_converge": ("MB to converge", 2.0 ** -20),
     "client_s_to_converge": ("client seconds to converge", 1),
     "eligible_clients": ("eligible devices", 1),
+    "test_examples": ("test examples", 1),
 }
 HIDDEN_RUN_COLUMNS = ("curve", "costs", "run_id", "method")
 SHARED_LABELS = ("model", "dataset", "partition", "seed")     # said once in the caption when all runs share one

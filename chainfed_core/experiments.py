@@ -303,6 +303,7 @@ def summarise(run: Run, record: dict) -> dict[str, Any]:
             "accuracy": curve[-1][1] if curve else math.nan, "rounds": len(history), "bytes_total": total,
             "peak_memory_bytes": peak_memory_bytes(cfg, record.get("window") or cfg.chain.window),
             "stopped": record.get("stopped"), "rounds_to_converge": converged["rounds"],
+            "test_examples": _test_examples(record, cfg),
             "bytes_to_converge": converged["bytes"], "client_s_to_converge": converged["client_seconds"],
             "costs": costs,
             "start_layer": record.get("start_layer"), "window": record.get("window"),
@@ -389,10 +390,21 @@ def mean_over_seeds(df, metrics: list[str], by: list[str]):
     return df.groupby(by, sort=False)[metrics].mean().reset_index()
 
 
-def write_summary(path: str | Path, table, *, profile_name: str, artefact: str, **extra: Any) -> dict:
+SUMMARY_RUN_COLUMNS = ("run_id", "variant", "model", "dataset", "partition", "seed", "status", "accuracy", "test_examples",
+                       "eligible_clients", "window", "start_layer", "peak_memory_bytes", "rounds", "stopped",
+                       "speedup", "compute_ratio", "comm_reduction", "speedup_to_baseline",
+                       "comm_reduction_to_baseline", "lambda", "local head")
+
+
+def write_summary(path: str | Path, table, *, profile_name: str, artefact: str, runs=None, **extra: Any) -> dict:
     """The machine-readable summary of a notebook's final table, recommenders-style: a flat
     ``{"<row>/<column>": value}`` dict of numbers (cells that are not numbers are left out),
-    with the profile, the artefact and the code version. Written atomically; returned."""
+    with the profile, the artefact and the code version; ``runs`` (the grid's DataFrame) adds
+    one row per run with :data:`SUMMARY_RUN_COLUMNS`, each naming its record (``run_id``), for
+    the claims page's per-seed statistics. Written atomically; returned."""
+    if runs is not None:
+        cols = [c for c in SUMMARY_RUN_COLUMNS if c in runs]
+        extra["runs"] = [{c: _plain(row[c]) for c in cols} for _, row in runs.iterrows()]
     metrics = {}
     for row, values in table.iterrows():
         row_key = "/".join(map(str, row)) if isinstance(row, tuple) else str(row)
@@ -420,3 +432,17 @@ def output_dirs(artefact: str, profile_name: str, repo: str | Path = "..") -> di
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     return dirs
+
+
+def _plain(value):
+    """A JSON value: numpy scalars as Python numbers, NaN as None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _test_examples(record: dict, config: RunConfig) -> Optional[int]:
+    """Test-set size: counted in the record's data provenance; for records made before it,
+    ``data.max_test_examples`` (the packaged sets are larger than every profile's cap)."""
+    counted = sum(record.get("data", {}).get("counts", {}).get("test", {}).values())
+    return counted or config.data.max_test_examples

@@ -39,7 +39,8 @@ from chainfed_core.records import code_version  # noqa: E402  (read now, before 
 
 REPORTS = REPO / "reports"
 NOTEBOOKS = ["table1_main_results", "table2_threshold", "table4_ablation", "fig8_window_size", "fig9_global_weight"]
-PROFILES = ["quick", "cpu-full", "gpu-full"]
+CLAIMS = "claims"        # the claims page: executed after NOTEBOOKS, first in the index
+PROFILES = ["quick", "cpu", "cpu-full", "gpu-full"]
 # The README's quickstart: MiniLM-L6 on sarcasm, 1,000 training and 500 test examples, 6 rounds.
 QUICKSTART = {"max_train": 1000, "max_test": 500, "rounds": 6}
 QUICKSTART_TAGS = ["local", "full"]
@@ -205,6 +206,10 @@ def section(result: dict, profile: str, out_dir: Path, base: Path) -> str:
     links = [_link(p, label, base) for p, label in [(page, "notebook with every table"), (executed, "executed .ipynb"),
                                                (summary, "summary JSON"), (figure, "figure PNG")] if p.exists()]
     parts = [f"<h2>{html.escape(title)}</h2>", opening, f"<p>{status} &middot; {' &middot; '.join(links)}</p>"]
+    if name == CLAIMS and result["error"] is None:             # the claims table itself opens the report
+        from chainfed_core import claims
+
+        parts.append(claims.claims_frame(profile, REPO).to_html(index=False, border=0, classes="claims"))
     if figure.exists() and result["error"] is None:
         data = base64.b64encode(figure.read_bytes()).decode()
         parts.append(f"<img src='data:image/png;base64,{data}' alt='{html.escape(title)}' style='max-width:100%'>")
@@ -219,7 +224,8 @@ def write_index(results: list[dict], profile: str, out_dir: Path, index: Path | 
     index = index or REPORTS / f"report_{profile}.html"
     body = "\n".join(section(r, profile, out_dir, index.parent) for r in results)
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>ChainFed workbook: profile {profile}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto;line-height:1.4}} h2{{margin-top:2em}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto;line-height:1.4}} h2{{margin-top:2em}}
+table.claims{{border-collapse:collapse;font-size:90%}} table.claims td,table.claims th{{padding:3px 6px;border-bottom:1px solid #ddd;text-align:left}}</style></head><body>
 <h1>ChainFed workbook, profile <code>{profile}</code></h1>
 <p>This report reruns the workbook's result notebooks: one per table or figure of the paper
 (Wu et al., <i>Beyond End-to-End: Dynamic Chain Optimization for Private LLM Adaptation on the Edge</i>,
@@ -239,10 +245,11 @@ every table, our numbers beside the paper's. {html.escape(paper.LEGEND)}</p>
 def run_profile(profile: str, names: list[str]) -> int:
     out_dir = REPORTS / profile
     results = []
+    names = [n for n in names if n != CLAIMS] + [CLAIMS]   # the claims read what the others wrote: run last
     for i, name in enumerate(names, 1):
         _say(f"== {name} ({i} of {len(names)}, profile {profile}) ==")
         results.append(execute(REPO / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb", {"profile": profile}))
-    index = write_index(results, profile, out_dir)
+    index = write_index([results[-1], *results[:-1]], profile, out_dir)   # ... and shown first
     _say(f"report: {index.relative_to(REPO)}")
     return 1 if any(r["error"] for r in results) else 0
 
