@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paper
+from .tables import paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
 REPRODUCED, NOT_REPRODUCED, UNCLEAR, NOT_RUN = ("reproduced", "not reproduced", "not distinguishable at this scale",
@@ -65,31 +66,10 @@ def verdict(diff: float, se: float) -> str:
     return REPRODUCED if diff > 2 * se else NOT_REPRODUCED if diff < -2 * se else UNCLEAR
 
 
-def paired_gain(df, a: str, b: str) -> tuple[float, float, int]:
-    """Mean over seeds of (a - b) in points, each seed's difference averaged over its cells;
-    its standard error over seeds, else (one seed) the test-set standard error; seeds used."""
-    cells = ["model", "dataset", "partition", "seed"]
-    pivot = df[df["variant"].isin([a, b])].pivot_table(index=cells, columns="variant", values="accuracy")
-    if a not in pivot or b not in pivot:
-        return math.nan, math.nan, 0
-    pivot = pivot.dropna()
-    per_seed = (pivot[a] - pivot[b]).groupby(level="seed").mean() * 100
-    n = len(per_seed)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n > 1:
-        return float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n)), n
-    tests = df.set_index(cells)["test_examples"] if "test_examples" in df else None
-    if tests is None:
-        return float(per_seed.mean()), math.nan, 1
-    var = [(pa * (1 - pa) + pb * (1 - pb)) / tests.loc[k].max() for k, pa, pb in zip(pivot.index, pivot[a], pivot[b])]
-    return float(per_seed.mean()), 100 * math.sqrt(sum(var)) / len(var), 1
-
-
 def _gain_claim(df, where: str, a: str, b: str, paper_gain: float, label: str) -> Claim:
     if df is None:
         return Claim(label, f"+{paper_gain:.2f}", NOT_RUN, where, NOT_RUN)
-    d, se, n = paired_gain(df, a, b)
+    d, se, n = paired_difference(df, a, b)
     ours = NOT_RUN if d != d else f"{d:+.2f} ± {se:.2f} ({n} seed{'s' if n != 1 else ''})"
     return Claim(label, f"{paper_gain:+.2f}", ours, where, verdict(d, se))
 
@@ -145,7 +125,7 @@ def _best(df, where: str, prefix: str, paper_best: float, label: str) -> Claim:
         return Claim(label, f"{paper_best:g}", NOT_RUN, where, NOT_RUN)
     means = df[df["variant"].str.startswith(prefix)].groupby("variant")["accuracy"].mean().sort_values()
     best, runner_up = means.index[-1], means.index[-2]
-    d, se, _ = paired_gain(df, best, runner_up)
+    d, se, _ = paired_difference(df, best, runner_up)
     ours = f"{best[len(prefix):]} ({100 * means.iloc[-1]:.1f}%; {d:+.2f} ± {se:.2f} over {runner_up[len(prefix):]})"
     if float(best[len(prefix):]) != paper_best:
         return Claim(label, f"{paper_best:g}", ours, where, UNCLEAR if verdict(d, se) == UNCLEAR else NOT_REPRODUCED)
@@ -215,13 +195,15 @@ def streaming_claims(repo: Path = REPO) -> list[Claim]:
 
 
 def observation1_claims(profile: str, repo: Path = REPO) -> list[Claim]:
-    s = summary("obs1_memory_constrained", profile, repo)
-    where = f"results/obs1_memory_constrained/{profile}/summary.json"
-    p = paper.TEXT["fig2_participation_cost_iid"].value
-    if not s:
-        return [Claim("Observation 1: memory limits cost accuracy (IID, points)", f"{p}", NOT_RUN, where, NOT_RUN)]
-    return [Claim("Observation 1: memory limits cost accuracy (IID, points)", f"{p}",
-                  str(s.get("metrics")), where, UNCLEAR)]
+    df, where = _runs("obs1_memory_constrained", profile, repo)
+    rows = []
+    for part, key, label in [("iid", "fig2_participation_cost_iid", "IID"),
+                             ("dirichlet", "fig2_participation_cost_noniid", "non-IID")]:
+        sub = None if df is None else df[df["partition"] == part]
+        rows.append(_gain_claim(sub if sub is not None and len(sub) else None, where, "Full Adapters",
+                                "Full Adapters, memory-limited", paper.TEXT[key].value,
+                                f"Observation 1: memory limits cost Full Adapters accuracy ({label}, points)"))
+    return rows
 
 
 def claims(profile: str, repo: Path = REPO) -> list[Claim]:
@@ -245,6 +227,6 @@ def per_cell_gain(profile: str, a: str = "ChainFed", b: str = "Full Adapters", r
         return pd.DataFrame()
     rows = []
     for (model, dataset, part), cell in df.groupby(["model", "dataset", "partition"]):
-        d, se, n = paired_gain(cell, a, b)
+        d, se, n = paired_difference(cell, a, b)
         rows.append({"model": model, "dataset": dataset, "partition": part, "gain": d, "se": se, "seeds": n})
     return pd.DataFrame(rows)

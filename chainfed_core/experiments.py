@@ -47,7 +47,7 @@ GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, mod
 # bounds, which run unconstrained: No-FT, Full Adapters (the paper's "memory-unconstrained
 # upper bound") and FFT (ours, Figure 8's reference).
 _UNCONSTRAINED = {"memory_aware": False, "memory_scale": 1e12}
-_MEMORY_AWARE = {"memory_aware": True, "memory_scale": None, "fewer_eligible": True}
+MEMORY_AWARE = {"memory_aware": True, "memory_scale": None, "fewer_eligible": True}
 BOUNDS = ("No-FT", "Full Adapters", "FFT")
 _BERT_LIKE_CHAIN = {"gpo_lambda": 0.1, "foat_tau": 0.9, "window": 2}   # explicit, so tau=0.9 / lambda=0.1 / W=2 reuse ChainFed's run
 # The paper's setting for models other than BERT (DistilBERT, RoBERTa, LLaMA: Appendix D.3).
@@ -61,7 +61,7 @@ def _profile(help: str, models: list[str], datasets: list[str], seeds: list[int]
     ``ablation_datasets``) and its ``base`` config; what every profile shares is set here once."""
     base = {"model": {"max_length": max_length}, "chain": {**(chain or _BERT_LIKE_CHAIN), "passes": passes},
             "train": {"batch_size": 8, "lr": 0.05}, "data": {**data, "alpha": 0.5},
-            "fed": {**fed, **(_MEMORY_AWARE if memory_aware else _UNCONSTRAINED)}}
+            "fed": {**fed, **(MEMORY_AWARE if memory_aware else _UNCONSTRAINED)}}
     return {"help": help, "models": models, "datasets": datasets, "partitions": ["iid", "dirichlet"],
             "seeds": seeds, "threads": threads, "base": base, "memory_aware": memory_aware, **labels}
 

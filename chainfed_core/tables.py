@@ -109,3 +109,24 @@ def _reaching(costs, target: float) -> list[float]:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b and b == b and a == a else math.nan
+
+
+def paired_difference(df, a: str, b: str) -> tuple[float, float, int]:
+    """Mean over seeds of (a - b) in points, each seed's difference averaged over its cells;
+    its standard error over seeds, else (one seed) the test-set standard error; seeds used."""
+    cells = ["model", "dataset", "partition", "seed"]
+    pivot = df[df["variant"].isin([a, b])].pivot_table(index=cells, columns="variant", values="accuracy")
+    if a not in pivot or b not in pivot:
+        return math.nan, math.nan, 0
+    pivot = pivot.dropna()
+    per_seed = (pivot[a] - pivot[b]).groupby(level="seed").mean() * 100
+    n = len(per_seed)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n > 1:
+        return float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n)), n
+    tests = df.set_index(cells)["test_examples"] if "test_examples" in df else None
+    if tests is None:
+        return float(per_seed.mean()), math.nan, 1
+    var = [(pa * (1 - pa) + pb * (1 - pb)) / tests.loc[k].max() for k, pa, pb in zip(pivot.index, pivot[a], pivot[b])]
+    return float(per_seed.mean()), 100 * math.sqrt(sum(var)) / len(var), 1
