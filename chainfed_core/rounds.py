@@ -8,7 +8,10 @@ jobs to its clients (in this process, or as Flower messages). A round:
 1. the method's plan for the round; K clients sampled from the eligible ones;
 2. downlink: each client gets the window and any tensor it has not seen since its last round;
 3. the transport runs the client updates; a client that raises, or trains past
-   ``fed.client_timeout_s``, is dropped from the round and recorded as a failure;
+   ``fed.client_timeout_s``, or replies with an update that may not be averaged (wrong
+   tensor names, shapes or dtypes, non-finite values: :mod:`chainfed_core.validation`) is
+   dropped from the round and recorded as a failure (with its node's id where the
+   transport has one);
 4. the method aggregates the updates into the global state;
 5. every ``fed.eval_every`` rounds (and after the last) the global model is evaluated;
 6. the metrics line (one schema in every runtime, :func:`round_metrics`) and the checkpoint.
@@ -29,11 +32,13 @@ from . import foat
 from .aggregation import state_bytes
 from .backbone import Backbone
 from .config import RunConfig
+from .methods import Method
 from .seeding import client_seed, injected_failure, seed_generators
 from .server import Server
 from .schedule import TrainPlan
 from .train import LocalResult, batches, set_state, tensors_by_name
 from .train import evaluate as evaluate_model
+from .validation import RejectedUpdate, update_problem
 
 
 class InjectedFailure(RuntimeError):
@@ -112,10 +117,24 @@ def evaluator(backbone: Backbone, test, pad_id: int = 0, method=None) -> Callabl
 
 
 # ---------------------------------------------------------------------- one round
-def _failure(round_index: int, client: int, err: BaseException) -> dict:
-    kind = {InjectedFailure: "injected", ClientTimeout: "timeout"}.get(type(err), "error")
-    message = str(err) if kind == "timeout" else f"{type(err).__name__}: {err}"
-    return {"round": round_index, "client": client, "kind": kind, "message": message}
+def _failure(round_index: int, client: int, err: BaseException, transport=None) -> dict:
+    kind = {InjectedFailure: "injected", ClientTimeout: "timeout", RejectedUpdate: "rejected"}.get(type(err), "error")
+    message = str(err) if kind in ("timeout", "rejected") else f"{type(err).__name__}: {err}"
+    failure = {"round": round_index, "client": client, "kind": kind, "message": message}
+    node = getattr(transport, "node_of", {}).get(client)      # a Flower SuperNode's id
+    return failure if node is None else {**failure, "node": node}
+
+
+def _outcome(job: Job, out, timeout: float | None, method):
+    """The outcome of a job as the round takes it: the LocalResult, or why it is dropped. A
+    method with the shared client update replies with the names it was sent, exactly."""
+    if isinstance(out, BaseException):
+        return out
+    if timeout is not None and out.seconds > timeout:
+        return ClientTimeout(f"local training took {out.seconds:.2f} s > {timeout} s")
+    shared = type(method).client_update is Method.client_update
+    problem = update_problem(out.state, job.window, out.num_examples, same_names=shared)
+    return out if problem is None else RejectedUpdate(problem)
 
 
 def round_metrics(round_index: int, plan: TrainPlan, clients: list[int], results: list, failures: list,
@@ -148,12 +167,11 @@ def run_round(server: Server, transport: Transport, round_index: int,
     clients_started = time.perf_counter()
     outcomes = list(transport.train(r, jobs, server.state["global"]))
     clients_s = time.perf_counter() - clients_started
-    results, failures, timeout = [], [], cfg.fed.client_timeout_s
+    results, failures, job_of = [], [], {j.client: j for j in jobs}
     for c, out in outcomes:
+        out = _outcome(job_of[c], out, cfg.fed.client_timeout_s, server.method)
         if isinstance(out, BaseException):
-            failures.append(_failure(r, c, out))
-        elif timeout is not None and out.seconds > timeout:
-            failures.append(_failure(r, c, ClientTimeout(f"local training took {out.seconds:.2f} s > {timeout} s")))
+            failures.append(_failure(r, c, out, transport))
         else:
             results.append((c, out))
     server.aggregate(r, [(res.state, res.num_examples) for _, res in results], [c for c, _ in results])
