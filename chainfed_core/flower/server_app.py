@@ -37,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     config = config_from_args(str(rc["config-file"]) or None, str(rc.get("overrides", "")).split())
     task = build_task(config)
     backbone = task.make_backbone()
-    clients = FlowerClients(grid, config)
+    clients = FlowerClients(grid, config, task.data.get("classes"))
     server = Server(config, backbone, clients.discover(), seq_len(task.train))
     out = Path(str(rc.get("out-dir", ""))) if str(rc.get("out-dir", "")) else None
     checkpoints = Checkpointer(out) if out is not None else None
@@ -54,4 +54,5 @@ def main(grid: Grid, context: Context) -> None:
         server.window, len(server.eligible))
     if out is not None:
         torch.save(server.state["global"], out / FINAL_STATE_FILE)
-        atomic_write_json(out / RECORD_FILE, run_record(config, server, started, data=task.data, runtime="flower"))
+        atomic_write_json(out / RECORD_FILE, run_record(config, server, started, data=task.data, runtime="flower",
+                                                            client_peak_rss=clients.peak_rss))

@@ -55,12 +55,21 @@ class RemoteError(RuntimeError):
 
 
 class FlowerClients:
-    """The clients of a run as Flower SuperNodes on ``grid``. Call :meth:`discover` first."""
+    """The clients of a run as Flower SuperNodes on ``grid``. Call :meth:`discover` first.
 
-    def __init__(self, grid: Grid, config: RunConfig):
+    Every message carries the run config and the run's class names (``classes``: a node with
+    data of its own matches its labels to them). ``peak_rss`` keeps the highest resident set
+    (VmHWM, bytes) each client's ClientApp process reported after training."""
+
+    def __init__(self, grid: Grid, config: RunConfig, classes: list[str] | None = None):
         self.grid, self.config = grid, config
         self.config_json = json.dumps(config.to_dict())
+        self.classes = [str(c) for c in classes or []]
         self.node_of: dict[int, int] = {}      # client id (partition-id) -> Flower node id
+        self.peak_rss: dict[int, int] = {}
+
+    def _config(self, **values) -> ConfigRecord:
+        return ConfigRecord({"run-config": self.config_json, "classes": self.classes, **values})
 
     def _send(self, node_ids: Iterable[int], content: list[RecordDict], kind: str,
               timeout: float | None = None) -> list[Message]:
@@ -70,7 +79,7 @@ class FlowerClients:
     def _query(self, node_ids: list[int], task: str, state: dict | None = None) -> list[Message]:
         content = []
         for _ in node_ids:
-            c = RecordDict({"config": ConfigRecord({"task": task, "run-config": self.config_json})})
+            c = RecordDict({"config": self._config(task=task)})
             if state is not None:
                 c["arrays"] = to_record(state)
             content.append(c)
@@ -105,8 +114,8 @@ class FlowerClients:
 
     def train(self, round_index: int, jobs: list[Job], state: dict):
         content = [RecordDict({"window": to_record(j.window), "context": to_record(j.context),
-                               "config": ConfigRecord({"run-config": self.config_json, "round": round_index,
-                                                       "client-id": j.client, **plan_record(j.plan)})})
+                               "config": self._config(**{"round": round_index, "client-id": j.client,
+                                                         **plan_record(j.plan)})})
                    for j in jobs]
         replies = self._send([self.node_of[j.client] for j in jobs], content, MessageType.TRAIN,
                              timeout=self.config.fed.client_timeout_s or 3600)
@@ -120,6 +129,8 @@ class FlowerClients:
                 yield j.client, RemoteError(m.error.reason)
             else:
                 metrics = m.content["metrics"]
+                if "peak-rss" in metrics:
+                    self.peak_rss[j.client] = max(self.peak_rss.get(j.client, 0), int(metrics["peak-rss"]))
                 yield j.client, LocalResult(from_record(m.content["arrays"]), int(metrics["num-examples"]),
                                             int(metrics["steps"]), float(metrics["loss"]),
                                             float(metrics["accuracy"]), float(metrics["seconds"]))
