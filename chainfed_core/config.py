@@ -37,14 +37,15 @@ def option(text: str, default: Any = dataclasses.MISSING, factory: Any = datacla
     function returning its allowed values (for names registered elsewhere).
 
     ``added`` (when the field arrived, e.g. "2026-12"): the field is left out of
-    :meth:`Config.to_dict` while it holds its default, so a config written before the field
-    existed keeps its hash, and its run folder (named by the hash) is still found.
+    :meth:`Config.to_dict` while it holds its default (a section: while it equals a fresh
+    one from ``factory``), so a config written before the field existed keeps its hash, and
+    its run folder (named by the hash) is still found.
     """
     unknown = sorted(set(bounds) - set(_BOUNDS))
     if unknown:
         raise TypeError(f"option: unknown bound(s) {unknown}; allowed: {list(_BOUNDS)}")
-    if added and default is dataclasses.MISSING:
-        raise TypeError("option: a field with `added` needs a plain default")
+    if added and default is dataclasses.MISSING and factory is dataclasses.MISSING:
+        raise TypeError("option: a field with `added` needs a plain default or a factory")
     metadata = {"help": text, **bounds, **({"choices": choices} if choices else {}),
                 **({"added": added} if added else {})}
     if factory is not dataclasses.MISSING:
@@ -101,11 +102,13 @@ class Config:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values, nested sections as dicts; an ``added`` field at its default left out."""
+        """Plain values, nested sections as dicts; an ``added`` field at its default (a fresh
+        section from its factory) left out."""
         data = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("added") and value == f.default:
+            if f.metadata.get("added") and value == (f.default if f.default is not dataclasses.MISSING
+                                                     else f.default_factory()):
                 continue
             data[f.name] = value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
         return data
@@ -269,6 +272,38 @@ class FedConfig(Config):
 
 
 @dataclass
+class DPConfig(Config):
+    """Client-level differential privacy, DP-FedAvg (:mod:`chainfed_core.privacy`): each client's
+    update clipped to ``clip_norm``, the updates averaged with equal weights, Gaussian noise of
+    std z·C/m added to the average of m; epsilon at ``delta`` by Opacus's RDP accountant."""
+    enabled: bool = option("Train with client-level DP.", False)
+    clip_norm: Optional[float] = option("C: the L2 norm each client's update (the change of the tensors it "
+                                        "trains this round) is clipped to; None: not clipped (C = infinity, "
+                                        "only with noise_multiplier 0).", 1.0, gt=0)
+    noise_multiplier: Optional[float] = option("z: the noise on the average of m updates has std z·C/m; None: "
+                                               "solved from target_epsilon before training.", None, ge=0)
+    target_epsilon: Optional[float] = option("The epsilon (at delta) the run may spend over fed.rounds rounds; "
+                                             "the noise multiplier is solved for (noise_multiplier None).",
+                                             None, gt=0)
+    delta: float = option("delta of the (epsilon, delta) guarantee.", 1e-5, gt=0, lt=1)
+    sampling: Literal["none", "poisson"] = option(
+        "The sampling the accountant assumes: 'none', no amplification (q = 1; holds whatever the sampling); "
+        "'poisson', each client in a round with q = K / N (an approximation of our fixed-size sampling of K "
+        "of N; needs every client eligible, fed.memory_aware False).", "none")
+
+    def _check(self) -> None:
+        if not self.enabled:
+            return
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            _fail("DPConfig", "noise_multiplier", "give exactly one of noise_multiplier and target_epsilon, got "
+                  f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}")
+        if self.clip_norm is None and self.noise_multiplier != 0:
+            _fail("DPConfig", "clip_norm", "None (no clipping) bounds no update, so it allows only "
+                  f"noise_multiplier 0, got noise_multiplier={self.noise_multiplier}, "
+                  f"target_epsilon={self.target_epsilon}")
+
+
+@dataclass
 class RunConfig(Config):
     method: str = option("Training method, a name registered in chainfed_core.methods.", "chainfed",
                         choices=_method_names)
@@ -281,9 +316,15 @@ class RunConfig(Config):
     train: TrainConfig = option("Local training.", factory=TrainConfig)
     data: DataConfig = option("Data and partition.", factory=DataConfig)
     fed: FedConfig = option("Federation.", factory=FedConfig)
+    dp: DPConfig = option("Client-level differential privacy (DP-FedAvg).", factory=DPConfig, added="2026-12")
 
     def _check(self) -> None:
-        """``method_options`` must parse as the method's ``Options``; kept as plain values of the keys given."""
+        """``method_options`` must parse as the method's ``Options``; kept as plain values of the keys given.
+        DP: the checks that need the method and the federation (:func:`chainfed_core.privacy.check`)."""
+        if self.dp.enabled:
+            from .privacy import check  # here, not at the top: only a DP run needs the accountant
+
+            check(self)
         if not self.method_options:
             return
         from .methods import get_method  # here, not at the top: the methods import this module

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 import torch
 
-from . import foat
+from . import foat, privacy
 from .aggregation import state_bytes
 from .backbone import Backbone
 from .config import RunConfig
@@ -174,10 +174,13 @@ def run_round(server: Server, transport: Transport, round_index: int,
             failures.append(_failure(r, c, out, transport))
         else:
             results.append((c, out))
-    server.aggregate(r, [(res.state, res.num_examples) for _, res in results], [c for c, _ in results])
+    updates, dp_metrics = privacy.privatize(cfg, r, [(res.state, res.num_examples) for _, res in results],
+                                            [job_of[c].window for c, _ in results])    # DP-FedAvg, if asked
+    server.aggregate(r, updates, [c for c, _ in results])
     metrics = round_metrics(r, plan, clients, results, failures, sum(state_bytes(res.state) for _, res in results),
                             bytes_down, bytes_ctx)
     metrics["seconds_clients"] = clients_s       # what the clients do: load the window, seed, train
+    metrics.update(dp_metrics)
     if evaluate is not None and ((r + 1) % cfg.fed.eval_every == 0 or r == cfg.fed.rounds - 1):
         metrics.update({f"test_{k}": v for k, v in evaluate(server.state["global"]).items()})
     return metrics

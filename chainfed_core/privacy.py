@@ -1,0 +1,176 @@
+"""Client-level differential privacy (DP-FedAvg) and its accounting: the one home of both.
+
+A round with ``dp.enabled`` (:func:`privatize`, called by :func:`chainfed_core.rounds.run_round`
+between the clients' replies and the method's aggregation, so the simulator and the Flower
+ServerApp run the same arithmetic):
+
+1. clip: client k's update is the change Δ_k = x_k - s_k of the tensors it trains, against
+   s_k, what it was sent this round; Δ_k is scaled to L2 norm C if longer (over all its
+   tensors together), and the client's state becomes s_k + Δ_k;
+2. weights: every client counts once (equal weights, as Flower's fixed-clipping wrappers
+   require), so one client moves the sum of the clipped updates by at most C, and the average
+   of the m clients that carry a tensor by at most C/m;
+3. noise: ξ ~ N(0, (z·C/m)²) per coordinate, drawn from a generator seeded by (run seed,
+   round) (:func:`noise_generator`: both runtimes draw the same), is added to each clipped
+   update; the method's aggregation, a mean per tensor over the updates that carry it, then
+   returns the mean plus ξ: the noise on the average. Put there, the method keeps its own
+   aggregation (ChainFed's stage heads, FedRA's per-layer means); m is counted per tensor
+   (FedRA's layers are trained by different numbers of clients).
+
+The sum of the clipped updates plus N(0, z²C²) is the Gaussian mechanism of sensitivity C under
+adding or removing one client (m, who replied, is taken as public: it is the K sampled unless
+a client fails), so ε at δ after T rounds is the RDP accountant's for (q, z, T, δ)
+(:func:`epsilon`, Opacus). The sampling it assumes is ``dp.sampling``: 'none' (q = 1, no
+amplification: holds whatever the sampling, the default) or 'poisson' (q = K/N, the usual
+DP-FedAvg report, an approximation for our fixed-size sampling of K of N). A round that every
+client failed still counts: the reported ε is an upper bound.
+
+Methods: DP covers those whose aggregation is a mean, per tensor, of updates that start from
+one global value; :data:`UNSUPPORTED` says why the others are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from .seeding import mix
+
+NOISE = 0xD9          # the noise's stream tag (chainfed_core.seeding's own tags are 0-4)
+# The RDP orders: Opacus's defaults (1.1 ... 63) and larger ones, which small q and many
+# rounds need for a tight bound.
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256]
+
+UNSUPPORTED = {
+    "fedkseed": "its clients send seed scalars and loss differences, not tensors whose change can be clipped",
+    "fedadapter": "it averages within trial groups that start from different states and picks a group by "
+                  "the clients' accuracy scores, which are not privatised",
+    "flora": "its clients send LoRA factors whose stacked product is the update: clipping the factors does "
+             "not bound the change the server applies",
+    "fwdllm": "its clients send forward gradients and a variance statistic that paces the server's steps, "
+              "not changes of the model's tensors",
+}
+
+
+# ---------------------------------------------------------------------- accounting
+def sample_rate(config) -> float:
+    """q, the chance that a given client takes part in a round, as the accountant assumes it."""
+    if config.dp.sampling == "none":
+        return 1.0
+    return config.fed.clients_per_round / config.data.num_clients
+
+
+def epsilon(sample_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
+    """ε at δ after ``rounds`` rounds of the sampled Gaussian mechanism (Opacus's RDP accountant, at :data:`ORDERS`)."""
+    from opacus.accountants import RDPAccountant
+
+    if noise_multiplier == 0:
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, rounds)]
+    return float(accountant.get_epsilon(delta=delta, alphas=ORDERS))
+
+
+@functools.lru_cache(maxsize=64)
+def _solve(target_epsilon: float, delta: float, q: float, rounds: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
+                                          steps=rounds, accountant="rdp", epsilon_tolerance=0.005,
+                                          alphas=ORDERS))
+    except ValueError:
+        raise ValueError(f"DPConfig.target_epsilon: no noise level reaches epsilon {target_epsilon} at delta "
+                         f"{delta} in {rounds} rounds (q = {q}); ask for a larger epsilon, or fewer rounds") from None
+
+
+def noise_multiplier(config) -> float:
+    """z: ``dp.noise_multiplier``, or the smallest (within Opacus's search) whose ε after
+    ``fed.rounds`` rounds is at most ``dp.target_epsilon``."""
+    dp = config.dp
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    return _solve(dp.target_epsilon, dp.delta, sample_rate(config), config.fed.rounds)
+
+
+def check(config) -> None:
+    """What a DP run needs beyond its own section; a one-line ``ValueError`` before training."""
+    if config.method in UNSUPPORTED:
+        raise ValueError(f"DPConfig.enabled: client-level DP is not defined for {config.method!r}: "
+                         f"{UNSUPPORTED[config.method]}")
+    if config.dp.sampling == "poisson" and config.fed.memory_aware:
+        raise ValueError("DPConfig.sampling: 'poisson' takes q = K/N, which holds only when every client may "
+                         "be sampled; set fed.memory_aware False, or dp.sampling 'none'")
+    noise_multiplier(config)                         # an unreachable target epsilon fails here
+
+
+# ---------------------------------------------------------------------- one round
+def clip(state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+         clip_norm: float | None) -> tuple[dict[str, torch.Tensor], float]:
+    """(``state`` with its change from ``sent`` scaled to norm ``clip_norm`` if longer, the
+    change's norm). An update within the norm is returned as it is, bit for bit."""
+    missing = sorted(set(state) - set(sent))
+    if missing:
+        raise ValueError(f"DP: an update carries tensors it was not sent, so it has no change to clip: {missing[:3]}")
+    delta = {n: t.detach().double() - sent[n].detach().double() for n, t in state.items()}
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+    if clip_norm is None or norm <= clip_norm:
+        return state, norm
+    scale = clip_norm / norm
+    return {n: (sent[n].double() + d * scale).to(state[n].dtype) for n, d in delta.items()}, norm
+
+
+def noise_generator(seed: int, round_index: int) -> torch.Generator:
+    """The round's noise generator: a pure function of (run seed, round), so every runtime draws the same."""
+    return torch.Generator().manual_seed(int(mix(seed, NOISE, round_index)))
+
+
+def add_noise(states: list[dict[str, torch.Tensor]], std_of_sum: float,
+              generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Each state plus ξ_t ~ N(0, (std_of_sum / m_t)²), one draw per tensor t (by name, sorted)
+    shared by the m_t states that carry it: a mean per tensor over them is their mean plus ξ_t."""
+    counts: dict[str, int] = {}
+    for state in states:
+        for n in state:
+            counts[n] = counts.get(n, 0) + 1
+    shapes = {n: t.shape for state in states for n, t in state.items()}
+    noise = {n: torch.randn(shapes[n], generator=generator, dtype=torch.float64) * (std_of_sum / counts[n])
+             for n in sorted(counts)}
+    return [{n: (t.double() + noise[n]).to(t.dtype) for n, t in state.items()} for state in states]
+
+
+def privatize(config, round_index: int, updates: list[tuple[dict, int]],
+              sent: list[dict]) -> tuple[list[tuple[dict, int]], dict]:
+    """The round's updates as DP-FedAvg aggregates them (clipped, weight 1 each, with the
+    average's noise) and the metrics it adds to the round's line; with DP off, the updates
+    as they are and no metrics."""
+    dp = config.dp
+    if not dp.enabled:
+        return updates, {}
+    z = noise_multiplier(config)
+    clipped = [clip(state, s, dp.clip_norm) for (state, _), s in zip(updates, sent)]
+    states = [state for state, _ in clipped]
+    if z > 0 and states:
+        states = add_noise(states, z * dp.clip_norm, noise_generator(config.seed, round_index))
+    norms = [norm for _, norm in clipped]
+    q, m = sample_rate(config), len(updates)
+    metrics = {"dp_epsilon": epsilon(q, z, round_index + 1, dp.delta), "dp_delta": dp.delta, "dp_sample_rate": q,
+               "dp_noise_multiplier": z, "dp_noise_std": z * dp.clip_norm / m if z > 0 and m else 0.0,
+               "dp_update_norms": norms,
+               "dp_clipped": int(sum(dp.clip_norm is not None and n > dp.clip_norm for n in norms))}
+    return [(state, 1) for state in states], metrics
+
+
+def noise_per_coordinate(config, clients: int) -> float:
+    """The std of the noise on each coordinate of the average of ``clients`` updates: z·C/m,
+    whatever the number of tensors the method sends (ChainFed's window or every layer)."""
+    return noise_multiplier(config) * config.dp.clip_norm / clients
+
+
+def signal_to_noise(clip_norm: float, noise_std: float, coordinates: int) -> float:
+    """The largest ratio of the average update's norm (at most C) to the noise's expected norm,
+    std·sqrt(d): the window's d = W/L of Full Adapters' gives sqrt(L/W) times the ratio."""
+    return clip_norm / (noise_std * float(np.sqrt(coordinates)))
