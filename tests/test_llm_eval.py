@@ -120,18 +120,21 @@ def test_squad_file_keeps_questions_with_gold_answers(tmp_path):
 # -------------------------------------------------------------------------- model scoring
 
 
-def test_choice_loglikelihood_equals_the_sum_over_continuation_tokens():
+@pytest.mark.parametrize("context, continuations", [
+    ("Answer: ", ["A", "BC"]),       # trailing space moves into the continuation: 2 and 3 tokens, one batch
+    ("Answer:", ["A", "B", "C"]),     # one token each after the same context: one forward pass
+])
+def test_choice_loglikelihood_equals_the_sum_over_continuation_tokens(context, continuations):
     tok, model = tiny_tokenizer(), tiny_llama()
-    context = "Answer: "                                    # its trailing space moves into the continuation
-    got = llm_eval.choice_loglikelihoods(model, tok, context, ["A", "BC"])
-    for cont, value in zip(["A", "BC"], got):
-        ids = tok("Answer: " + cont)["input_ids"]            # one token per byte
-        n = len(" " + cont)
+    got = llm_eval.choice_loglikelihoods(model, tok, context, continuations)
+    for cont, value in zip(continuations, got):
+        ids = tok(context + cont)["input_ids"]                # one token per byte
+        n = len(context + cont) - len(context.rstrip())
         with torch.no_grad():
             logprobs = F.log_softmax(model(torch.tensor([ids])).logits[0], -1)
         by_hand = sum(float(logprobs[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
         assert value == pytest.approx(by_hand, abs=1e-5)
-    assert llm_eval.encode_pair(tok, context, "A")[1] == tok(" A")["input_ids"]
+    assert llm_eval.encode_pair(tok, "Answer: ", "A")[1] == tok(" A")["input_ids"]
 
 
 def test_scorer_predicts_the_most_likely_choice_and_counts_long_prompts():
@@ -163,10 +166,14 @@ def test_our_scorer_equals_lm_evals_harness(tmp_path):
     tok, model = tiny_tokenizer(), tiny_llama()
     questions = [Q, MCQuestion("algebra/1", "algebra", "Pick e.", ("a", "b", "c", "d", "e"), 4),
                  MCQuestion("bio/0", "college_biology", "Cells?", ("yes", "no", "maybe", "never"), 0)]
-    for prompt in (eval_data.mmlu_prompt, eval_data.bigbench_prompt):
+    def one_token_letters(q):               # "...Answer:" + "A": the one-forward-pass path
+        context, letters = eval_data.mmlu_prompt(q)
+        return context, [x.strip() for x in letters]
+
+    for i, prompt in enumerate((eval_data.mmlu_prompt, one_token_letters, eval_data.bigbench_prompt)):
         data = EvalSet(questions)
         ours = llm_eval.score_multiple_choice(model, tok, data, prompt)
-        harness = harness_multiple_choice(model, tok, data, prompt, tmp_path / prompt.__name__, batch_size=2)
+        harness = harness_multiple_choice(model, tok, data, prompt, tmp_path / str(i), batch_size=2)
         assert [r["qid"] for r in harness.rows] == [q.qid for q in questions]
         for a, b in zip(ours.rows, harness.rows):
             assert a["logliks"] == pytest.approx(b["logliks"], abs=1e-4)
