@@ -143,12 +143,19 @@ def window_claims(profile: str, repo: Path = REPO) -> list[Claim]:
     return [claim]
 
 
+BENCHMARK = "results/benchmarks/memory_streaming.json"
+
+
+def _benchmark(repo: Path) -> Optional[dict]:
+    path = repo / BENCHMARK
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def memory_claims(repo: Path = REPO) -> list[Claim]:
-    path = repo / "results" / "benchmarks" / "memory_streaming.json"
-    where = "results/benchmarks/memory_streaming.json"
-    if not path.exists():
+    record, where = _benchmark(repo), BENCHMARK
+    if record is None:
         return [Claim("Peak memory reduction", "16.87x", NOT_RUN, where, NOT_RUN)]
-    bench = json.loads(path.read_text())["memory"]
+    bench = record["memory"]
     rob = {int(w): v["ratio_full_over_chainfed"] for w, v in bench["roberta-large"]["chainfed"].items()}
     llama = {int(w): v["ratio_full_over_chainfed"] for w, v in bench["llama2-7b"]["chainfed_modelled"].items()}
     p_rob, p_llama = paper.TEXT["peak_memory_reduction_roberta_large"].value, paper.TABLE3[("LLaMA2-7B", "ChainFed W=2")]["memory_reduction"].value
@@ -181,11 +188,10 @@ def convergence_claims(profile: str, repo: Path = REPO) -> list[Claim]:
 
 
 def streaming_claims(repo: Path = REPO) -> list[Claim]:
-    path = repo / "results" / "benchmarks" / "memory_streaming.json"
-    where = "results/benchmarks/memory_streaming.json; results/appG_io_overhead/full/summary.json"
-    if not path.exists():
+    record, where = _benchmark(repo), f"{BENCHMARK}; results/appG_io_overhead/full/summary.json"
+    if record is None:
         return [Claim("App. G: streaming adds almost no latency", "≈ 1", NOT_RUN, where, NOT_RUN)]
-    times = json.loads(path.read_text())["step_times"]
+    times = record["step_times"]
     appg = summary("appG_io_overhead", "full", repo)
     notebook = appg["metrics"].get("streamed + prefetch/min / in memory") if appg else None
     ours = f"{times['prefetch_over_in_memory']:.2f} (benchmark)" + (f", {notebook:.2f} (notebook)" if notebook else "")
@@ -230,3 +236,20 @@ def per_cell_gain(profile: str, a: str = "ChainFed", b: str = "Full Adapters", r
         d, se, n = paired_difference(cell, a, b)
         rows.append({"model": model, "dataset": dataset, "partition": part, "gain": d, "se": se, "seeds": n})
     return pd.DataFrame(rows)
+
+
+def eligibility_frame(repo: Path = REPO):
+    """Memory-aware selection per method and model, from ``results/benchmarks/eligibility.json``
+    (``benchmarks/eligibility.py``): the estimate beside the meter, and the devices each admits."""
+    import pandas as pd
+
+    path = repo / "results" / "benchmarks" / "eligibility.json"
+    if not path.exists():
+        return pd.DataFrame()
+    rows = json.loads(path.read_text())["rows"]
+    frame = pd.DataFrame(rows)
+    for col in ("estimate_bytes", "meter_bytes"):
+        frame[col.replace("_bytes", " (MB)")] = frame[col] / 2 ** 20 if col in frame else math.nan
+    keep = ["model", "method", "estimate (MB)", "meter (MB)", "estimate_over_meter", "eligible", "eligible_by_meter",
+            "sampled_from", "num_devices", "note"]
+    return frame[[c for c in keep if c in frame]]

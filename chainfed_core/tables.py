@@ -61,7 +61,7 @@ def _could_not_run(df, by: Sequence[str]) -> list[tuple]:
     return [k for k, v in flags.items() if v]
 
 
-GROUP = ["model", "dataset", "partition", "seed"]
+GROUP = ["model", "dataset", "partition", "seed"]    # runs that share data, model and seed
 
 
 def versus(df, baseline: str = "Full Adapters"):
@@ -114,7 +114,7 @@ def _ratio(a: float, b: float) -> float:
 def paired_difference(df, a: str, b: str) -> tuple[float, float, int]:
     """Mean over seeds of (a - b) in points, each seed's difference averaged over its cells;
     its standard error over seeds, else (one seed) the test-set standard error; seeds used."""
-    cells = ["model", "dataset", "partition", "seed"]
+    cells = GROUP
     pivot = df[df["variant"].isin([a, b])].pivot_table(index=cells, columns="variant", values="accuracy")
     if a not in pivot or b not in pivot:
         return math.nan, math.nan, 0

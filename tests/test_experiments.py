@@ -109,20 +109,6 @@ def test_real_run_then_reuse(tmp_path):
     pd.testing.assert_frame_equal(first, second)
 
 
-def test_relative_to_speedup_and_communication():
-    rows = []
-    for variant, curve in [("Full Adapters", [(1, 0.2, 100), (2, 0.5, 200), (3, 0.8, 300), (4, 0.9, 400)]),
-                           ("ChainFed", [(1, 0.3, 20), (2, 0.9, 40)]),
-                           ("LP", [(1, 0.1, 5)])]:
-        rows.append({"variant": variant, "model": "m", "dataset": "d", "partition": "iid", "seed": 0,
-                     "accuracy": curve[-1][1], "curve": curve})
-    df = ex.relative_to(pd.DataFrame(rows), "Full Adapters", target_fraction=0.5)   # target 0.45
-    got = df.set_index("variant")
-    assert got.loc["Full Adapters", "rounds_to_target"] == 2 and got.loc["Full Adapters", "speedup"] == 1
-    assert got.loc["ChainFed", "rounds_to_target"] == 2 and got.loc["ChainFed", "comm_reduction"] == 5
-    assert math.isnan(got.loc["LP", "speedup"])
-
-
 def test_accuracy_table_marks_unimplemented_baselines():
     df = pd.DataFrame([{"model": "m", "dataset": "d", "partition": "iid", "variant": v, "accuracy": a, "seed": 0}
                        for v, a in [("ChainFed", 0.8), ("FFT", 0.9)]])

@@ -134,10 +134,11 @@ def test_executed_report_has_its_figures_and_no_stderr(tmp_path, monkeypatch, ca
 
 def test_the_report_opens_with_the_claims_table(tmp_path):
     batch = _run_batch()
-    result = batch.execute(REPO / "notebooks" / "claims.ipynb", tmp_path / "claims.ipynb", {"profile": "cpu-full"})
+    # quick: its outputs are git-ignored (at cpu-full the notebook would rewrite a committed summary)
+    result = batch.execute(REPO / "notebooks" / "claims.ipynb", tmp_path / "claims.ipynb", {"profile": "quick"})
     assert result["error"] is None and result["name"] == batch.CLAIMS
-    index = batch.write_index([result], "cpu-full", tmp_path, index=tmp_path / "report.html").read_text()
+    index = batch.write_index([result], "quick", tmp_path, index=tmp_path / "report.html").read_text()
     assert 'class="dataframe claims"' in index
     for text in ("Table 1: ChainFed beats Full Adapters", "Peak memory: Full Adapters / ChainFed", "verdict"):
         assert text in index
-    assert "reproduced" in index and "not distinguishable at this scale" in index
+    assert "reproduced" in index                    # the memory claims read the committed benchmark records
