@@ -1,0 +1,146 @@
+"""ChainFed as deployed, on real processes: a SuperLink with TLS and SuperNode authentication
+(certificates and keys from scripts/make_certs.sh) and SuperNodes, each with its own data
+file, streaming ChainFed from its layer store under a memory budget; all started and ended
+by this test by process id."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chainfed_core.checkpoint import load_final_state
+from chainfed_core.config import RunConfig
+from chainfed_core.federated import run
+from chainfed_core.flower import device
+from chainfed_core.records import RECORD_FILE
+
+from test_deploy import write_partitions
+from test_flower import free_ports, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NODES = 3
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set (bytes) of a live process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+class Federation:
+    """A SuperLink (TLS, ``--enable-supernode-auth``) and SuperNodes on loopback, ended by pid."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.procs = folder, {}
+        self.certs = folder / "certs"
+        subprocess.run([ROOT / "scripts" / "make_certs.sh", self.certs, str(NODES)], check=True, capture_output=True)
+        self.link, *self.node_ports = free_ports(1 + NODES)
+        home = folder / "flwr_home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "federation"\n\n[superlink.federation]\naddress = "127.0.0.1:{self.link}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        self.env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        (folder / "logs").mkdir()
+
+    def spawn(self, name: str, args: list) -> subprocess.Popen:
+        out = open(self.folder / "logs" / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen([str(a) for a in args], env=self.env, cwd=self.folder, stdout=out,
+                                            stderr=subprocess.STDOUT)
+        return self.procs[name]
+
+    def flwr(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([BIN / "flwr", *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self, node_configs: list[str]) -> None:
+        c = self.certs
+        self.spawn("superlink", [BIN / "flower-superlink", "--ssl-ca-certfile", c / "ca.crt", "--ssl-certfile",
+                                 c / "server.pem", "--ssl-keyfile", c / "server.key", "--enable-supernode-auth",
+                                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                 "--port", self.link, "--database", self.folder / "state.db"])
+        wait_for_port(self.link)
+        for k in range(NODES):
+            done = self.flwr("supernode", "register", c / f"supernode_{k}.pub", "federation")
+            assert done.returncode == 0, done.stdout + done.stderr
+        for k, nc in enumerate(node_configs):
+            self.spawn(f"supernode{k}", [BIN / "flower-supernode", "--root-certificates", c / "ca.crt",
+                                         "--superlink", f"127.0.0.1:{self.link}", "--auth-supernode-private-key",
+                                         c / f"supernode_{k}", "--port", self.node_ports[k], "--node-config", nc])
+
+    def log(self, name: str) -> str:
+        return (self.folder / "logs" / f"{name}.log").read_text()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, 15)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, 9)
+                p.wait()
+
+
+def big_config() -> RunConfig:
+    """96 BERT layers of width 1024 (a 3.0 GB float32 store); the window at the top of the chain
+    (layers 92-94), so 92 frozen layers stream through each node once per round."""
+    return RunConfig.from_dict({
+        "method": "chainfed", "seed": 5, "model": {"name": "tiny-bert-L96-H1024"}, "adapter": {"bottleneck": 4},
+        "chain": {"window": 2, "start_layer": 92},
+        "data": {"dataset": "synthetic", "num_clients": NODES, "max_train_examples": 60, "max_test_examples": 8},
+        "fed": {"rounds": 2, "clients_per_round": 2, "eval_every": 1, "memory_aware": False}})
+
+
+BUDGET_GB = 0.85          # the ClientApps peaked at 0.76-0.77 GiB here (python + torch + flwr: 0.46)
+
+
+@pytest.mark.slow
+def test_streamed_chainfed_on_a_tls_federation_stays_in_budget_and_equals_the_simulator(tmp_path):
+    started = time.time()
+    cfg = big_config()
+    store = device.build_store(cfg, 3, tmp_path / "store")
+    store_bytes = sum(store.nbytes(k) for k in store.manifest["shards"])
+    assert store_bytes >= 3 * BUDGET_GB * 2 ** 30
+    paths = write_partitions(cfg, tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    fed = Federation(tmp_path)
+    out = tmp_path / "flower_out"
+    try:
+        fed.start([f"partition-id={k} num-partitions={NODES} data-path='{p}' layer-store='{tmp_path / 'store'}' "
+                   f"memory-gb={BUDGET_GB} cache-dir='{tmp_path / f'cache{k}'}'" for k, p in enumerate(paths)])
+        done = fed.flwr("run", ROOT / "flower_app", "federation", "--stream", "--run-config",
+                        f"config-file='{tmp_path / 'cfg.json'}' overrides='' out-dir='{out}'", timeout=900)
+        deadline = time.time() + 300
+        while done.returncode == 0 and not (out / RECORD_FILE).exists() and time.time() < deadline:
+            time.sleep(1)
+        if not (out / RECORD_FILE).exists():
+            print(done.stdout[-4000:], done.stderr[-2000:], fed.log("superlink")[-3000:], fed.log("supernode0")[-4000:],
+                  sep="\n----\n")
+        assert (out / RECORD_FILE).exists()
+        supernode_hwm = [vm_hwm(fed.procs[f"supernode{k}"].pid) for k in range(NODES)]
+    finally:
+        fed.stop()
+    record = json.loads((out / RECORD_FILE).read_text())
+    clientapp_hwm = {int(c): v for c, v in record["client_peak_rss"].items()}
+    flower = torch.load(out / "final_state.pt", weights_only=False)
+    run(cfg, tmp_path / "sim", progress=False)
+    sim = load_final_state(tmp_path / "sim")
+    diff = max(float((flower[k] - sim[k]).abs().max()) for k in sim)
+    print(f"store {store_bytes / 2 ** 30:.2f} GiB, budget {BUDGET_GB} GiB; ClientApp VmHWM (GiB) "
+          f"{ {c: round(v / 2 ** 30, 3) for c, v in sorted(clientapp_hwm.items())} }; SuperNode VmHWM (GiB) "
+          f"{[round(v / 2 ** 30, 3) for v in supernode_hwm]}; adapters max |flower - simulator| {diff:.2e}; "
+          f"{time.time() - started:.0f} s")
+    assert flower.keys() == sim.keys() and diff <= 1e-6
+    assert not record["failures"] and sorted(clientapp_hwm) == sorted({c for m in record["history"] for c in m["trained"]})
+    assert all(v < BUDGET_GB * 2 ** 30 for v in [*clientapp_hwm.values(), *supernode_hwm])
