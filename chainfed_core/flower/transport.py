@@ -59,7 +59,10 @@ class FlowerClients:
 
     Every message carries the run config and the run's class names (``classes``: a node with
     data of its own matches its labels to them). ``peak_rss`` keeps the highest resident set
-    (VmHWM, bytes) each client's ClientApp process reported after training."""
+    (VmHWM, bytes) each client's ClientApp process reported after training. ``lost``: clients
+    whose node may have lost its copy of the global tensors (it failed or did not answer, so it
+    may have been restarted; or the ServerApp was): their next job carries the whole global
+    state as its context (counted in no metric: the core's downlink is what a healthy node needs)."""
 
     def __init__(self, grid: Grid, config: RunConfig, classes: list[str] | None = None):
         self.grid, self.config = grid, config
@@ -67,6 +70,7 @@ class FlowerClients:
         self.classes = [str(c) for c in classes or []]
         self.node_of: dict[int, int] = {}      # client id (partition-id) -> Flower node id
         self.peak_rss: dict[int, int] = {}
+        self.lost: set[int] = set()
 
     def _config(self, **values) -> ConfigRecord:
         return ConfigRecord({"run-config": self.config_json, "classes": self.classes, **values})
@@ -112,8 +116,13 @@ class FlowerClients:
         by_client = {int(m.content["foat"]["partition-id"]): m.content["foat"] for m in replies}
         return [(list(by_client[c]["scores"]), int(by_client[c]["num-examples"])) for c in clients]
 
+    def _context(self, job: Job, state: dict) -> dict:
+        if job.client not in self.lost:
+            return job.context
+        return {n: t for n, t in state.items() if n not in job.window}
+
     def train(self, round_index: int, jobs: list[Job], state: dict):
-        content = [RecordDict({"window": to_record(j.window), "context": to_record(j.context),
+        content = [RecordDict({"window": to_record(j.window), "context": to_record(self._context(j, state)),
                                "config": self._config(**{"round": round_index, "client-id": j.client,
                                                          **plan_record(j.plan)})})
                    for j in jobs]
@@ -123,11 +132,11 @@ class FlowerClients:
         by_client = {client_of[m.metadata.src_node_id]: m for m in replies}
         for j in jobs:
             m = by_client.get(j.client)
-            if m is None:
-                yield j.client, ClientTimeout("no reply in time")
-            elif m.has_error():
-                yield j.client, RemoteError(m.error.reason)
+            if m is None or m.has_error():
+                self.lost.add(j.client)
+                yield j.client, ClientTimeout("no reply in time") if m is None else RemoteError(m.error.reason)
             else:
+                self.lost.discard(j.client)
                 metrics = m.content["metrics"]
                 if "peak-rss" in metrics:
                     self.peak_rss[j.client] = max(self.peak_rss.get(j.client, 0), int(metrics["peak-rss"]))
