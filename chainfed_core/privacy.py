@@ -174,3 +174,36 @@ def signal_to_noise(clip_norm: float, noise_std: float, coordinates: int) -> flo
     """The largest ratio of the average update's norm (at most C) to the noise's expected norm,
     std·sqrt(d): the window's d = W/L of Full Adapters' gives sqrt(L/W) times the ratio."""
     return clip_norm / (noise_std * float(np.sqrt(coordinates)))
+
+
+# ---------------------------------------------------------------------- the trade-off grid
+def tradeoff_grid(profile_name: str, variants: list, epsilons: list, *, clip_norm: float, delta: float = 1e-5,
+                  sampling: str = "none", **grid_args) -> list:
+    """The experiment grid's runs (:func:`chainfed_core.experiments.grid`) at each target ε of
+    ``epsilons``; None: the non-private run itself (the same record as every other artefact's)."""
+    from .experiments import grid
+
+    runs = []
+    for eps in epsilons:
+        dp = {} if eps is None else {"dp": {"enabled": True, "clip_norm": clip_norm, "target_epsilon": float(eps),
+                                            "delta": delta, "sampling": sampling}}
+        runs += grid(profile_name, variants, overrides=dp, **grid_args)
+    return runs
+
+
+def tradeoff_row(config, record: dict) -> dict:
+    """What the trade-off reads from a run's record: the target and the spent ε (∞ without DP),
+    z, the noise's std per coordinate of the average, the coordinates a client sends per round
+    and the signal-to-noise bound C / (std·sqrt(d)) (:func:`signal_to_noise`)."""
+    history = record["history"]
+    floats = [m["bytes_up"] / 4 / len(m["trained"]) for m in history if m["trained"]]    # float32 tensors
+    row = {"target_epsilon": math.inf, "epsilon": math.inf, "noise_multiplier": 0.0, "noise_std": 0.0,
+           "coordinates": float(np.mean(floats)) if floats else math.nan, "snr": math.inf,
+           "clipped": math.nan}
+    if config.dp.enabled:
+        final = record["final"]
+        row.update(target_epsilon=config.dp.target_epsilon, epsilon=final["dp_epsilon"],
+                   noise_multiplier=final["dp_noise_multiplier"], noise_std=final["dp_noise_std"],
+                   snr=signal_to_noise(config.dp.clip_norm, final["dp_noise_std"], row["coordinates"]),
+                   clipped=float(np.mean([m["dp_clipped"] / max(len(m["trained"]), 1) for m in history])))
+    return row

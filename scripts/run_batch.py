@@ -39,7 +39,7 @@ from chainfed_core.records import code_version  # noqa: E402  (read now, before 
 
 REPORTS = REPO / "reports"
 NOTEBOOKS = ["table1_main_results", "table2_threshold", "table4_ablation", "fig8_window_size", "fig9_global_weight",
-             "obs1_memory_constrained"]
+             "obs1_memory_constrained", "beyond_dp_tradeoff"]
 CLAIMS = "claims"        # the claims page: executed after NOTEBOOKS, first in the index
 PROFILES = ["quick", "cpu", "cpu-full", "gpu-full"]
 # The README's quickstart: MiniLM-L6 on sarcasm, 1,000 training and 500 test examples, 6 rounds.

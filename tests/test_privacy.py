@@ -150,6 +150,19 @@ def test_a_dp_run_records_epsilon_per_round_as_the_accountant_gives_it(tmp_path)
         assert m["dp_sample_rate"] == 3 / 20 and m["dp_noise_std"] == pytest.approx(1.1 * 0.5 / 3)
         assert len(m["dp_update_norms"]) == 3 and m["dp_clipped"] == sum(n > 0.5 for n in m["dp_update_norms"])
     assert record["final"]["dp_epsilon"] == record["history"][-1]["dp_epsilon"]
+    row = privacy.tradeoff_row(cfg, record)                   # what the trade-off notebook reads
+    d = record["history"][0]["bytes_up"] / 4 / 3
+    assert row["epsilon"] == record["final"]["dp_epsilon"] and row["coordinates"] == pytest.approx(d)
+    assert row["snr"] == pytest.approx(0.5 / (1.1 * 0.5 / 3 * math.sqrt(d)))
+    assert row["clipped"] == pytest.approx(np.mean([m["dp_clipped"] / 3 for m in record["history"]]))
+    assert privacy.tradeoff_row(tiny(), record)["epsilon"] == math.inf
+
+
+def test_the_tradeoff_grid_is_the_experiment_grid_at_each_target():
+    runs = privacy.tradeoff_grid("quick", ["ChainFed", "Full Adapters"], [None, 4], clip_norm=0.3, partitions=["iid"])
+    assert [(r.variant, r.config.dp.enabled, r.config.dp.target_epsilon) for r in runs] == [
+        ("ChainFed", False, None), ("Full Adapters", False, None), ("ChainFed", True, 4.0), ("Full Adapters", True, 4.0)]
+    assert "dp" not in runs[0].config.to_dict() and runs[2].config.dp.clip_norm == 0.3
 
 
 # ---------------------------------------------------------------- runs
