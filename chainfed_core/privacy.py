@@ -164,12 +164,6 @@ def privatize(config, round_index: int, updates: list[tuple[dict, int]],
     return [(state, 1) for state in states], metrics
 
 
-def noise_per_coordinate(config, clients: int) -> float:
-    """The std of the noise on each coordinate of the average of ``clients`` updates: z·C/m,
-    whatever the number of tensors the method sends (ChainFed's window or every layer)."""
-    return noise_multiplier(config) * config.dp.clip_norm / clients
-
-
 def signal_to_noise(clip_norm: float, noise_std: float, coordinates: int) -> float:
     """The largest ratio of the average update's norm (at most C) to the noise's expected norm,
     std·sqrt(d): the window's d = W/L of Full Adapters' gives sqrt(L/W) times the ratio."""
