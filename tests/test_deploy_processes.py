@@ -144,3 +144,80 @@ def test_streamed_chainfed_on_a_tls_federation_stays_in_budget_and_equals_the_si
     assert flower.keys() == sim.keys() and diff <= 1e-6
     assert not record["failures"] and sorted(clientapp_hwm) == sorted({c for m in record["history"] for c in m["trained"]})
     assert all(v < BUDGET_GB * 2 ** 30 for v in [*clientapp_hwm.values(), *supernode_hwm])
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp_path, monkeypatch):
+    """kill -9 of SuperNode 2 (and its ClientApp) while it trains round 1: the round completes
+    with the other nodes after ``fed.client_timeout_s`` and records the failure; the node,
+    started again with the same command (the same key, so the same node id), trains round 2.
+    The global adapters equal the simulator's with client 2 failing in round 1."""
+    cfg = RunConfig.from_dict({
+        "method": "chainfed", "seed": 5, "model": {"name": "tiny-bert-L6"}, "adapter": {"bottleneck": 4},
+        "chain": {"window": 2, "start_layer": 2},
+        "data": {"dataset": "synthetic", "num_clients": NODES, "max_train_examples": 60, "max_test_examples": 16},
+        "fed": {"rounds": 3, "clients_per_round": NODES, "eval_every": 1, "memory_aware": False,
+                "client_timeout_s": 120}})
+    paths = write_partitions(cfg, tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    fed = Federation(tmp_path)
+    out = tmp_path / "flower_out"
+    configs = [f"partition-id={k} num-partitions={NODES} data-path='{p}'" for k, p in enumerate(paths)]
+    try:
+        fed.start(configs)
+        flwr = subprocess.Popen([BIN / "flwr", "run", ROOT / "flower_app", "federation", "--run-config",
+                                 f"config-file='{tmp_path / 'cfg.json'}' overrides='' out-dir='{out}'"],
+                                env=fed.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        node = fed.procs["supernode2"]
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                              and (out / "metrics.jsonl").read_text().count("\n") >= 1
+                                              and _children(node.pid)):
+            time.sleep(0.2)                  # round 0 is done and node 2's ClientApp runs: round 1's job
+        assert _children(node.pid), "node 2 never started round 1"
+        for pid in [node.pid, *_children(node.pid)]:
+            os.kill(pid, 9)
+        node.wait()
+        k, tries = 2, 0
+        while True:       # the SuperLink refuses the key until it has seen the old node go offline
+            again = fed.spawn(f"supernode2-again{tries}", [
+                BIN / "flower-supernode", "--root-certificates", fed.certs / "ca.crt", "--superlink",
+                f"127.0.0.1:{fed.link}", "--auth-supernode-private-key", fed.certs / f"supernode_{k}",
+                "--port", fed.node_ports[k], "--node-config", configs[k]])
+            try:
+                again.wait(timeout=30)         # exited: not activated yet
+            except subprocess.TimeoutExpired:
+                break                          # up and connected
+            tries += 1
+            assert tries < 20, fed.log(f"supernode2-again{tries - 1}")[-2000:]
+        while time.time() < deadline + 300 and not (out / RECORD_FILE).exists():
+            time.sleep(1)
+        if not (out / RECORD_FILE).exists():
+            print(fed.log("superlink")[-3000:], fed.log(f"supernode2-again{tries}")[-3000:], sep="\n----\n")
+        assert (out / RECORD_FILE).exists()
+        flwr.wait(timeout=60)
+    finally:
+        fed.stop()
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert [m["failed"] for m in record["history"]] == [[], [2], []]
+    assert record["history"][2]["trained"] == [0, 1, 2]
+    assert record["failures"][0]["kind"] == "timeout" and "node" in record["failures"][0]
+    from chainfed_core import federated
+    update = federated.client_update
+
+    def fails_once(*args, **kwargs):
+        if (args[6], args[7]) == (1, 2):
+            raise RuntimeError("killed")
+        return update(*args, **kwargs)
+    monkeypatch.setattr(federated, "client_update", fails_once)
+    run(cfg, tmp_path / "sim", progress=False)
+    flower, sim = torch.load(out / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim")
+    assert flower.keys() == sim.keys() and max(float((flower[k] - sim[k]).abs().max()) for k in sim) <= 1e-6
