@@ -106,6 +106,7 @@ BUDGET_GB = 0.85          # the ClientApps peaked at 0.76-0.77 GiB here (python 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_streamed_chainfed_on_a_tls_federation_stays_in_budget_and_equals_the_simulator(tmp_path):
     started = time.time()
     cfg = big_config()
@@ -155,6 +156,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp_path, monkeypatch):
     """kill -9 of SuperNode 2 (and its ClientApp) while it trains round 1: the round completes
     with the other nodes after ``fed.client_timeout_s`` and records the failure; the node,
