@@ -262,9 +262,9 @@ class FedConfig(Config):
                                           "(12 GB) just holds end-to-end adapter tuning of this model.", None, gt=0)
     window_from_memory: bool = option("Set the chain window W from the smallest eligible device (paper D.3).", False)
     fewer_eligible: bool = option("Where fewer than K clients can hold the method, sample every eligible one each "
-                                  "round instead of failing (the paper's memory-aware protocol).", False,
+                                  "round instead of failing (the paper's protocol: selection by device memory).", False,
                                   added="2026-12")
-    stop_patience: Optional[int] = option("Stop once the last this-many evaluations all lie within stop_tolerance "
+    stop_patience: Optional[int] = option("Stop once the last N evaluations (N = this value) all lie within stop_tolerance "
                                           "of the best test accuracy so far (chainfed_core.convergence); None: "
                                           "always run fed.rounds.", None, ge=1, added="2026-12")
     stop_tolerance: float = option("Accuracy (a fraction: 0.005 = 0.5 points) within which an evaluation "
