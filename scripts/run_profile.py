@@ -18,6 +18,7 @@ of its config). Prints the wall time of the batch and of each run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -69,8 +70,11 @@ def main(argv=None) -> int:
     todo = [r for r in runs if not (root / r.run_id / RECORD_FILE).exists()]
     print(f"{args.profile}: {len(runs)} runs, {len(runs) - len(todo)} recorded, {len(todo)} to run", flush=True)
     if args.dry_run:
-        for r in todo:
-            print(f"  {r.run_id}  {r.variant} | {r.model} {r.dataset} {r.partition} s{r.seed}")
+        try:
+            for r in todo:
+                print(f"  {r.run_id}  {r.variant} | {r.model} {r.dataset} {r.partition} s{r.seed}", flush=True)
+        except BrokenPipeError:                       # `| head`: the reader has seen enough
+            sys.stdout = open(os.devnull, "w")
         return 0
     threads = args.threads or ex.profile(args.profile)["threads"]
     started = time.perf_counter()
