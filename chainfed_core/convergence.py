@@ -46,9 +46,15 @@ def convergence_round(history: Sequence[dict], tolerance: float) -> float:
     return float(next(r for r, a in evals if a >= best - tolerance - _EPS))
 
 
+def first_at(points: Sequence[tuple], target: float) -> Optional[tuple]:
+    """The first of ``(round, accuracy, ...)`` points whose accuracy reaches ``target`` (None: none)."""
+    return next((p for p in points if p[1] >= target - _EPS), None)
+
+
 def first_reaching(history: Sequence[dict], target: float) -> float:
     """Rounds completed at the first evaluation reaching ``target`` accuracy (NaN: never)."""
-    return float(next((r for r, a in evaluations(history) if a >= target - _EPS), math.nan))
+    point = first_at(evaluations(history), target)
+    return math.nan if point is None else float(point[0])
 
 
 def cost_until(history: Sequence[dict], rounds: float) -> dict[str, float]:

@@ -101,10 +101,10 @@ def versus(df, baseline: str = "Full Adapters"):
 
 def _reaching(costs, target: float) -> list[float]:
     """(rounds, bytes, client seconds) at the first evaluation reaching ``target``; NaN if none."""
-    for rnd, acc, nbytes, seconds in costs:
-        if acc >= target - 1e-12:
-            return [float(rnd), float(nbytes), float(seconds)]
-    return [math.nan] * 3
+    from .convergence import first_at
+
+    point = first_at(costs, target)
+    return [math.nan] * 3 if point is None else [float(point[0]), float(point[2]), float(point[3])]
 
 
 def _ratio(a: float, b: float) -> float:

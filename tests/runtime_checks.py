@@ -74,15 +74,13 @@ def _run_quietly(cfg: RunConfig, out) -> None:
     run(cfg, out, progress=False)
 
 
-def assert_kill_9_resumes_bitwise(cfg: RunConfig, tmp_path, after_rounds: int = 2):
-    """A forked copy of this process (no second start-up of torch) runs ``cfg`` and is killed
-    with SIGKILL once ``after_rounds`` metrics lines are on disk; rerunning resumes from the
-    checkpoint and ends bitwise equal to an uninterrupted run. Returns (killed, reference) folders."""
-    reference = run(cfg, tmp_path / "ref", progress=False)
-    out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_run_quietly, args=(cfg, out))
+def fork_and_kill(target, args: tuple, out, after_rounds: int, timeout_s: float = 60) -> None:
+    """Run ``target(*args)`` in a forked copy of this process (no second start-up of torch) and
+    kill it with SIGKILL once ``out``'s metrics file holds ``after_rounds`` lines; it must still
+    be running then, and it must have left no record."""
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args)
     proc.start()
-    deadline = time.time() + 60
+    deadline = time.time() + timeout_s
     while time.time() < deadline and proc.is_alive():
         metrics = out / METRICS_FILE
         if metrics.exists() and len(metrics.read_text().splitlines()) >= after_rounds:
@@ -92,6 +90,15 @@ def assert_kill_9_resumes_bitwise(cfg: RunConfig, tmp_path, after_rounds: int = 
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
     assert not (out / RECORD_FILE).exists()
+
+
+def assert_kill_9_resumes_bitwise(cfg: RunConfig, tmp_path, after_rounds: int = 2):
+    """A forked copy of this process (no second start-up of torch) runs ``cfg`` and is killed
+    with SIGKILL once ``after_rounds`` metrics lines are on disk; rerunning resumes from the
+    checkpoint and ends bitwise equal to an uninterrupted run. Returns (killed, reference) folders."""
+    reference = run(cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "killed"
+    fork_and_kill(_run_quietly, (cfg, out), out, after_rounds)
     resumed = run(cfg, out, progress=False)
     assert without_timing(resumed["history"]) == without_timing(reference["history"])
     assert_same_state(load_final_state(out), load_final_state(tmp_path / "ref"))

@@ -3,27 +3,23 @@ layer store under a memory budget, and both equal to the simulator (the real Sup
 SuperNode processes are in test_deploy_processes.py)."""
 
 import json
-import multiprocessing
 import os
-import signal
 import sys
-import time
 
 import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from chainfed_core.checkpoint import METRICS_FILE, load_final_state
+from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.data_files import DataError
 from chainfed_core.federated import run
 from chainfed_core.flower import client_app, device
 from chainfed_core.layer_store import LayerStoreError
 from chainfed_core.population import Population
-from chainfed_core.records import RECORD_FILE
 from chainfed_core.task import build_task
 
-from runtime_checks import InProcessGrid, assert_same_state, run_flower_in_process, without_timing
+from runtime_checks import InProcessGrid, assert_same_state, fork_and_kill, run_flower_in_process, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NODES = 3
@@ -130,17 +126,7 @@ def test_a_killed_serverapp_restarted_resumes_bitwise(tmp_path):
     to the simulator's uninterrupted run, metrics and all."""
     cfg = RunConfig.from_dict({**config().to_dict(), "fed": {**config().to_dict()["fed"], "rounds": 4}})
     out = tmp_path / "flower"
-    proc = multiprocessing.get_context("fork").Process(target=_flower_quietly, args=(cfg, out))
-    proc.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.is_alive():
-        if (out / METRICS_FILE).exists() and len((out / METRICS_FILE).read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.is_alive(), "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert not (out / RECORD_FILE).exists()
+    fork_and_kill(_flower_quietly, (cfg, out), out, after_rounds=2, timeout_s=120)
     resumed = run_flower_in_process(cfg, out)
     sim = run(cfg, tmp_path / "sim", progress=False)
     assert_same_state(torch.load(out / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim"))
