@@ -6,9 +6,7 @@ by this test by process id."""
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,79 +15,12 @@ from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.flower import device
+from chainfed_core.flower.loopback import BIN, ROOT, Federation, children, vm_hwm
 from chainfed_core.records import RECORD_FILE
 
 from test_deploy import write_partitions
-from test_flower import free_ports, wait_for_port
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 NODES = 3
-
-
-def vm_hwm(pid: int) -> int:
-    """Peak resident set (bytes) of a live process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
-
-
-class Federation:
-    """A SuperLink (TLS, ``--enable-supernode-auth``) and SuperNodes on loopback, ended by pid."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.procs = folder, {}
-        self.certs = folder / "certs"
-        subprocess.run([ROOT / "scripts" / "make_certs.sh", self.certs, str(NODES)], check=True, capture_output=True)
-        self.link, *self.node_ports = free_ports(1 + NODES)
-        home = folder / "flwr_home"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "federation"\n\n[superlink.federation]\naddress = "127.0.0.1:{self.link}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n')
-        self.env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT), "FLWR_DISABLE_UPDATE_CHECK": "1",
-                    "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        (folder / "logs").mkdir()
-
-    def spawn(self, name: str, args: list) -> subprocess.Popen:
-        out = open(self.folder / "logs" / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen([str(a) for a in args], env=self.env, cwd=self.folder, stdout=out,
-                                            stderr=subprocess.STDOUT)
-        return self.procs[name]
-
-    def flwr(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([BIN / "flwr", *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def start(self, node_configs: list[str]) -> None:
-        c = self.certs
-        self.spawn("superlink", [BIN / "flower-superlink", "--ssl-ca-certfile", c / "ca.crt", "--ssl-certfile",
-                                 c / "server.pem", "--ssl-keyfile", c / "server.key", "--enable-supernode-auth",
-                                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                                 "--port", self.link, "--database", self.folder / "state.db"])
-        wait_for_port(self.link)
-        for k in range(NODES):
-            done = self.flwr("supernode", "register", c / f"supernode_{k}.pub", "federation")
-            assert done.returncode == 0, done.stdout + done.stderr
-        for k, nc in enumerate(node_configs):
-            self.spawn(f"supernode{k}", [BIN / "flower-supernode", "--root-certificates", c / "ca.crt",
-                                         "--superlink", f"127.0.0.1:{self.link}", "--auth-supernode-private-key",
-                                         c / f"supernode_{k}", "--port", self.node_ports[k], "--node-config", nc])
-
-    def log(self, name: str) -> str:
-        return (self.folder / "logs" / f"{name}.log").read_text()
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.kill(p.pid, 15)
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, 9)
-                p.wait()
 
 
 def big_config() -> RunConfig:
@@ -115,7 +46,7 @@ def test_streamed_chainfed_on_a_tls_federation_stays_in_budget_and_equals_the_si
     assert store_bytes >= 3 * BUDGET_GB * 2 ** 30
     paths = write_partitions(cfg, tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, NODES)
     out = tmp_path / "flower_out"
     try:
         fed.start([f"partition-id={k} num-partitions={NODES} data-path='{p}' layer-store='{tmp_path / 'store'}' "
@@ -147,14 +78,6 @@ def test_streamed_chainfed_on_a_tls_federation_stays_in_budget_and_equals_the_si
     assert all(v < BUDGET_GB * 2 ** 30 for v in [*clientapp_hwm.values(), *supernode_hwm])
 
 
-def _children(pid: int) -> list[int]:
-    import psutil
-    try:
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 @pytest.mark.slow
 @pytest.mark.long
 def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp_path, monkeypatch):
@@ -170,7 +93,7 @@ def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp
                 "client_timeout_s": 120}})
     paths = write_partitions(cfg, tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, NODES)
     out = tmp_path / "flower_out"
     configs = [f"partition-id={k} num-partitions={NODES} data-path='{p}'" for k, p in enumerate(paths)]
     try:
@@ -182,10 +105,10 @@ def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp
         node = fed.procs["supernode2"]
         while time.time() < deadline and not ((out / "metrics.jsonl").exists()
                                               and (out / "metrics.jsonl").read_text().count("\n") >= 1
-                                              and _children(node.pid)):
+                                              and children(node.pid)):
             time.sleep(0.2)                  # round 0 is done and node 2's ClientApp runs: round 1's job
-        assert _children(node.pid), "node 2 never started round 1"
-        for pid in [node.pid, *_children(node.pid)]:
+        assert children(node.pid), "node 2 never started round 1"
+        for pid in [node.pid, *children(node.pid)]:
             os.kill(pid, 9)
         node.wait()
         k, tries = 2, 0
