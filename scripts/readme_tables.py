@@ -1,0 +1,81 @@
+"""Rewrite the README's result tables from the committed summaries, so that every number in
+them comes from a record the repo regenerates.
+
+A table lives between ``<!-- BEGIN <name> -->`` and ``<!-- END <name> -->`` in README.md; this
+script replaces what is between with the markdown of :data:`TABLES` ``[name]``, built by the same
+functions the notebooks use (:func:`chainfed_core.tables.beside_paper`).
+
+    python scripts/readme_tables.py            # print the tables
+    python scripts/readme_tables.py --write    # rewrite them in README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chainfed_core import paper, tables  # noqa: E402
+
+TABLE1_ORDER = ["No-FT", "LP", "FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA", "FedRA", "FFT",
+                "Full Adapters", "ChainFed"]
+
+
+def table1(profile: str) -> str:
+    """Table 1 of ``profile``: a row per method, a column per (data set, partition), ``mean ± SE
+    [paper]``, with the number of seeds where a cell has fewer than the most."""
+    summary = ROOT / "results" / "table1_main_results" / profile / "summary.json"
+    if not summary.exists():
+        raise SystemExit(f"error: {summary.relative_to(ROOT)} does not exist; run table1_main_results at {profile}")
+    runs = pd.DataFrame(json.loads(summary.read_text())["runs"])
+    frame = tables.beside_paper(runs, TABLE1_ORDER, paper.table1_cell)
+    counts = runs[runs["status"].fillna("complete") == "complete"].groupby(["dataset", "partition", "variant"]).size()
+    most = int(counts.max())
+    cells = list(dict.fromkeys(c[0] for c in frame.columns))
+    lines = ["| method | " + " | ".join(c.replace("iid", "IID").replace("dirichlet", "Dirichlet") for c in cells) + " |",
+             "|" + "---|" * (len(cells) + 1)]
+    for variant, row in frame.iterrows():
+        out = []
+        for cell in cells:
+            dataset, partition = cell.split()
+            n = int(counts.get((dataset, partition, variant), 0))
+            seeds = f" ({n} seed{'s' if n > 1 else ''})" if 0 < n < most else ""
+            out.append(f"{row[(cell, 'ours')]}{seeds} [{row[(cell, 'paper')]}]")
+        lines.append(f"| {variant} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"table1 cpu-full": lambda: table1("cpu-full")}
+
+
+def rewrite(text: str, name: str, body: str) -> str:
+    """``text`` with the block between the markers of ``name`` replaced by ``body``."""
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(\n<!-- END {re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"error: README.md has no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the tables in README.md")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, build in TABLES.items():
+        body = build()
+        print(f"{name}:\n{body}\n")
+        text = rewrite(text, name, body)
+    if args.write:
+        readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
