@@ -304,6 +304,27 @@ class DPConfig(Config):
 
 
 @dataclass
+class SecAggConfig(Config):
+    """Secure aggregation by Flower's SecAgg+ (:mod:`chainfed_core.flower.secagg_app`, the
+    SecAgg+ ServerApp: the server sees only the sum of the clients' masked, quantised updates).
+    Field names are Flower's (``SecAggPlusWorkflow``); the bound on the aggregate's quantisation
+    error is :func:`chainfed_core.privacy.secagg_bound`."""
+    enabled: bool = option("Aggregate with SecAgg+ (run the SecAgg+ ServerApp; the simulator and the plain "
+                           "ServerApp do not mask).", False)
+    num_shares: Optional[int] = option("Shares each client's secrets are split into (its neighbours, itself "
+                                       "included); None: every client of the round.", None, ge=3)
+    reconstruction_threshold: int = option("Shares that reconstruct a secret: a round completes while at least "
+                                           "this many of each client's neighbours stay; must be < num_shares.",
+                                           2, ge=2)
+    clipping_range: float = option("c: each element of a client's weighted update (its change of the window, "
+                                   "times n_k / max_weight) is clipped to [-c, c] before quantisation.", 8.0, gt=0)
+    quantization_range: int = option("Q: [-c, c] is quantised to the integers 0..Q (steps of 2c/Q).", 2 ** 22, ge=2)
+    max_weight: Optional[float] = option("W: the largest example count a client may weigh in with; None: the "
+                                         "smallest power of two >= the largest client's count (exact weights).",
+                                         None, gt=0)
+
+
+@dataclass
 class RunConfig(Config):
     method: str = option("Training method, a name registered in chainfed_core.methods.", "chainfed",
                         choices=_method_names)
@@ -317,14 +338,20 @@ class RunConfig(Config):
     data: DataConfig = option("Data and partition.", factory=DataConfig)
     fed: FedConfig = option("Federation.", factory=FedConfig)
     dp: DPConfig = option("Client-level differential privacy (DP-FedAvg).", factory=DPConfig, added="2026-12")
+    secagg: SecAggConfig = option("Secure aggregation (Flower's SecAgg+).", factory=SecAggConfig, added="2026-12")
 
     def _check(self) -> None:
         """``method_options`` must parse as the method's ``Options``; kept as plain values of the keys given.
-        DP: the checks that need the method and the federation (:func:`chainfed_core.privacy.check`)."""
+        DP and SecAgg+: the checks that need the method and the federation
+        (:func:`chainfed_core.privacy.check`, :func:`chainfed_core.privacy.check_secagg`)."""
         if self.dp.enabled:
             from .privacy import check  # here, not at the top: only a DP run needs the accountant
 
             check(self)
+        if self.secagg.enabled:
+            from .privacy import check_secagg
+
+            check_secagg(self)
         if not self.method_options:
             return
         from .methods import get_method  # here, not at the top: the methods import this module

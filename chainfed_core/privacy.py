@@ -27,6 +27,10 @@ client failed still counts: the reported ε is an upper bound.
 
 Methods: DP covers those whose aggregation is a mean, per tensor, of updates that start from
 one global value; :data:`UNSUPPORTED` says why the others are refused.
+
+Secure aggregation (``secagg``, Flower's SecAgg+, run by :mod:`chainfed_core.flower.secagg_app`):
+its checks before training (:func:`check_secagg`) and the bound on its quantisation error
+(:func:`secagg_bound`) are at the end.
 """
 
 from __future__ import annotations
@@ -201,3 +205,67 @@ def tradeoff_row(config, record: dict) -> dict:
                    snr=signal_to_noise(config.dp.clip_norm, final["dp_noise_std"], row["coordinates"]),
                    clipped=float(np.mean([m["dp_clipped"] / max(len(m["trained"]), 1) for m in history])))
     return row
+
+
+# ---------------------------------------------------------------------- secure aggregation (SecAgg+)
+MODULUS = 2 ** 32         # Flower's SecAgg+ modulus_range (its default, kept): the masked sums live mod this
+SECAGG_UNSUPPORTED = {**UNSUPPORTED,
+                      "fedra": "its clients train different sub-models (layer subsets), so a round has no one "
+                               "vector to sum"}
+
+
+def check_secagg(config) -> None:
+    """What a SecAgg+ run needs beyond its own section; a one-line ``ValueError`` naming the
+    field, before training. Flower's rules: 3 <= num_shares, threshold < num_shares; here also
+    num_shares <= the clients of a round, and K·Q below the modulus (the sum must not wrap)."""
+    sa, k = config.secagg, config.fed.clients_per_round
+    if config.method in SECAGG_UNSUPPORTED:
+        raise ValueError(f"SecAggConfig.enabled: SecAgg+ sums one weighted vector per round, which "
+                         f"{config.method!r} does not send: {SECAGG_UNSUPPORTED[config.method]}")
+    if config.dp.enabled:
+        raise ValueError("SecAggConfig.enabled: DP-FedAvg clips and noises each client's update on the server, "
+                         "which SecAgg+ hides from it; use one of dp.enabled and secagg.enabled")
+    if k < 3:
+        raise ValueError(f"SecAggConfig.enabled: Flower's SecAgg+ needs at least 3 nodes per round, got "
+                         f"fed.clients_per_round={k}")
+    shares = k if sa.num_shares is None else sa.num_shares
+    if shares > k:
+        raise ValueError(f"SecAggConfig.num_shares: {shares} shares need as many nodes per round, got "
+                         f"fed.clients_per_round={k}")
+    if sa.reconstruction_threshold >= shares:
+        raise ValueError(f"SecAggConfig.reconstruction_threshold: {sa.reconstruction_threshold} needs more nodes "
+                         f"than its threshold (it must be < num_shares = {shares}; nodes per round: "
+                         f"fed.clients_per_round={k}); lower it or sample more nodes")
+    if k * sa.quantization_range >= MODULUS:
+        raise ValueError(f"SecAggConfig.quantization_range: K·Q = {k}·{sa.quantization_range} must stay below the "
+                         f"modulus 2**32, or the masked sum wraps")
+
+
+def secagg_max_weight(config, largest_count: int) -> float:
+    """W: ``secagg.max_weight``, or the smallest power of two >= the largest client's example
+    count (with Q a power of two >= W, Q·n_k/W is an integer: the weights are exact)."""
+    if config.secagg.max_weight is not None:
+        return config.secagg.max_weight
+    return float(2 ** max(0, math.ceil(math.log2(max(largest_count, 1)))))
+
+
+def secagg_bound(num_examples: list[int], clipping_range: float, quantization_range: int,
+                 max_weight: float) -> float:
+    """The largest |SecAgg+ mean - FedAvg mean| of any element of the m clients' updates, for
+    updates with every |Δ_k| <= c and every n_k <= W (nothing clipped).
+
+    Flower's SecAgg+ (client ``secaggplus_mod``, server ``SecAggPlusWorkflow.unmask_stage``):
+    client k's weight is q_k = round(Q·n_k/W); it sends u_k = stochastic_round((a_k·Δ_k + c)·Q/(2c)),
+    a_k = q_k/Q, so |u_k·2c/Q - c - a_k·Δ_k| < 2c/Q (one step of the quantiser); the server unmasks
+    Σu_k, takes Σu_k·2c/Q - m·c and divides by Σa_k = Σq_k/Q. Per element of the mean, then:
+
+        quantisation: m·(2c/Q) / (Σq_k/Q) = 2·m·c / Σ_k q_k
+        weights:      |Σ_k (q_k - Q·n_k/W)·(Δ_k - Δ̄)| / Σ_k q_k <= m·c / Σ_k q_k (|q_k - Q·n_k/W| <= 1/2,
+                      |Δ_k - Δ̄| <= 2c), and 0 when every Q·n_k/W is an integer (Q and W powers of two,
+                      W <= Q: :func:`secagg_max_weight`)
+
+    so the bound is 2·m·c/Σq_k (exact weights) or 3·m·c/Σq_k. With n_k near W it is about 2c/Q:
+    one quantisation step (c = 8, Q = 2**22: 3.8e-6)."""
+    q = [round(n * quantization_range / max_weight) for n in num_examples]
+    exact = all(n * quantization_range / max_weight == qk for n, qk in zip(num_examples, q))
+    return (2 if exact else 3) * len(q) * clipping_range / sum(q)

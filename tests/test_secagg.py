@@ -1,0 +1,210 @@
+"""SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod, chainfed_core.flower.secagg_app): the
+masked aggregate equals plain FedAvg within the stated quantisation bound, a node that drops out
+after sharing its keys is reconstructed and the round completes, and bad input fails before training.
+
+The fast tests run Flower's SecAgg+ workflow and mod as they are, over an in-process Grid (every
+message a real Flower Message to the node's ClientApp, each node with its own Context); the long
+test runs it over a real SuperLink and SuperNodes on loopback."""
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+
+from chainfed_core import privacy
+from chainfed_core.config import RunConfig
+from chainfed_core.records import RECORD_FILE
+
+from runtime_checks import InProcessGrid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
+NODES = 4
+
+
+def config(secagg: dict | None = None, rounds: int = 1, **fed) -> dict:
+    """A tiny ChainFed run: 4 nodes of 20 examples each (so W = 32), every node in every round."""
+    return {"method": "chainfed", "seed": 7, "model": {"name": "tiny-bert"}, "adapter": {"bottleneck": 4},
+            "chain": {"window": 2, "start_layer": 0},
+            "data": {"dataset": "synthetic", "num_clients": NODES, "max_train_examples": 80, "max_test_examples": 16},
+            "fed": {"rounds": rounds, "clients_per_round": NODES, "eval_every": 1, "memory_aware": False, **fed},
+            **({"secagg": {"enabled": True, "reconstruction_threshold": 3, **secagg}} if secagg is not None else {})}
+
+
+class Grid(InProcessGrid):
+    """:class:`runtime_checks.InProcessGrid` with any ClientApp, each message a copy; a node whose app raises replies
+    with an error (as Flower's runtimes do); ``drop``: nodes that fail every TRAIN message
+    (the plain app) or drop out after sharing their keys (the SecAgg+ app)."""
+
+    def __init__(self, num_nodes: int, app, drop: tuple[int, ...] = (), secagg: bool = True):
+        super().__init__(num_nodes)
+        self.app, self.drop, self.secagg = app, drop, secagg
+        for k in drop:
+            if secagg:
+                self.contexts[100 + k].node_config["secagg-drop-after"] = "share-keys"
+
+    def _deliver(self, m: Message) -> Message:
+        m = copy.deepcopy(m)            # a message travels as bytes: the workflow sends one content to all
+        nid = m.metadata.dst_node_id
+        if not self.secagg and nid - 100 in self.drop and m.metadata.message_type == "train":
+            return Message(Error(code=0, reason="dropped"), reply_to=m)
+        try:
+            return self.app(m, self.contexts[nid])
+        except Exception as err:                       # noqa: BLE001: the node's error goes back as its reply
+            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=m)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self._deliver(m) for m in messages]
+
+
+def run_app(cfg: dict, out: Path, *, secagg: bool, drop: tuple[int, ...] = ()) -> dict:
+    """The SecAgg+ ServerApp (or the plain one) over an in-process Grid; its record."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from chainfed_core.flower import client_app, secagg_app, secagg_client, server_app
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    out.mkdir(parents=True)
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={
+        "config-file": str(out / "cfg.json"), "overrides": "", "out-dir": str(out)})
+    app = secagg_client.clientapp if secagg else client_app.app
+    (secagg_app.main if secagg else server_app.main)(Grid(NODES, app, drop, secagg), context)
+    return json.loads((out / RECORD_FILE).read_text())
+
+
+def max_error(a: Path, b: Path) -> tuple[float, float]:
+    """(max |a - b| over the global tensors, the float32 rounding allowance: 2 ulp of the values)."""
+    sa, sb = (torch.load(p / "final_state.pt", weights_only=False) for p in (a, b))
+    assert sa.keys() == sb.keys()
+    err = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+    ulp = max(float(np.spacing(np.abs(sb[k].numpy()).max().astype(np.float32))) for k in sb)
+    return err, 2 * ulp
+
+
+def compare(tmp_path, secagg: dict, drop: tuple[int, ...] = ()) -> tuple[float, float, dict]:
+    """One round with SecAgg+ and the same round in the plain app (FedAvg of the same updates):
+    (max error, the bound plus float32 rounding, the SecAgg+ record)."""
+    started = time.perf_counter()
+    masked = run_app(config(secagg), tmp_path / "secagg", secagg=True, drop=drop)
+    took = time.perf_counter() - started
+    plain = run_app(config(), tmp_path / "plain", secagg=False, drop=drop)
+    (note,) = masked["secagg"]
+    err, rounding = max_error(tmp_path / "secagg", tmp_path / "plain")
+    print(f"SecAgg+ {secagg} drop={drop}: max |secagg - fedavg| = {err:.3g}, bound {note['bound']:.3g}, "
+          f"SecAgg+ run {took:.1f} s")
+    assert masked["history"][0]["trained"] == plain["history"][0]["trained"] == note["completed"]
+    assert note["clipped"] == 0                                    # the bound's condition
+    return err, note["bound"] + rounding, masked
+
+
+# ---------------------------------------------------------------- (a) equals FedAvg within the bound
+def test_secagg_equals_fedavg_within_the_quantisation_bound(tmp_path):
+    err, bound, record = compare(tmp_path / "fine", {})
+    assert record["secagg"][0]["bound"] == pytest.approx(2 * 8.0 / 2 ** 22 * 32 / 20)
+    assert err <= bound
+    # coarse quantisation: the error is visible, and still within the bound
+    err, bound, _ = compare(tmp_path / "coarse", {"clipping_range": 0.5, "quantization_range": 2 ** 8})
+    assert 1e-4 < err <= bound
+
+
+# ---------------------------------------------------------------- (b) a node drops out after sharing its keys
+def test_a_node_dropping_out_after_sharing_its_keys_is_reconstructed(tmp_path):
+    err, bound, record = compare(tmp_path, {"clipping_range": 0.5, "quantization_range": 2 ** 12}, drop=(2,))
+    (note,) = record["secagg"]
+    assert note["dropped"] == [2] and note["completed"] == [0, 1, 3]
+    assert [f["client"] for f in record["history"][0]["failures"]] == [2]
+    assert 0 < err <= bound
+
+
+def test_too_many_drop_outs_for_the_threshold_stop_the_run_clearly(tmp_path):
+    from chainfed_core.rounds import AllClientsFailed
+
+    with pytest.raises(AllClientsFailed, match="reconstruction_threshold=3 nodes left"):
+        run_app(config({}), tmp_path / "run", secagg=True, drop=(1, 2))
+
+
+# ---------------------------------------------------------------- (c) bad input, before training
+@pytest.mark.parametrize("secagg, fed, message", [
+    ({"reconstruction_threshold": 4}, {}, r"SecAggConfig.reconstruction_threshold: 4 needs more nodes than its "
+                                          r"threshold .*fed.clients_per_round=4"),
+    ({"reconstruction_threshold": 5, "num_shares": 5}, {}, r"SecAggConfig.num_shares: 5 shares need"),
+    ({}, {"clients_per_round": 2}, r"at least 3 nodes per round"),
+    ({"quantization_range": 2 ** 31}, {}, r"SecAggConfig.quantization_range: .* below the modulus"),
+    ({"reconstruction_threshold": 1}, {}, r"SecAggConfig.reconstruction_threshold: must be >= 2"),
+])
+def test_bad_secagg_input_is_refused_at_construction(secagg, fed, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict(config(secagg, **fed))
+
+
+def test_secagg_is_refused_with_dp_and_for_methods_without_one_sum():
+    with pytest.raises(ValueError, match="use one of dp.enabled and secagg.enabled"):
+        RunConfig.from_dict({**config({}), "dp": {"enabled": True, "noise_multiplier": 0.5}})
+    with pytest.raises(ValueError, match="SecAggConfig.enabled: .*'fedra'"):
+        RunConfig.from_dict({**config({}), "method": "fedra"})
+
+
+def test_the_secagg_app_refuses_a_config_without_secagg_and_waits_for_every_node(tmp_path):
+    with pytest.raises(ValueError, match="secagg.enabled=true only"):
+        run_app(config(), tmp_path / "off", secagg=True)
+    with pytest.raises(RuntimeError, match="DataConfig.num_clients: expected 4 SuperNodes, 3 connected"):
+        from chainfed_core.flower import secagg_app, secagg_client
+        grid = Grid(NODES - 1, secagg_client.clientapp)
+        secagg_app.SecAggClients(grid, RunConfig.from_dict(config({}))).discover(wait_s=0.1)
+
+
+def test_the_section_at_its_default_leaves_the_hash_alone():
+    from chainfed_core.experiments import config_hash
+
+    plain = RunConfig.from_dict(config())
+    assert "secagg" not in plain.to_dict()
+    assert config_hash(RunConfig.from_dict(config({}))) != config_hash(plain)
+
+
+def test_the_bound_is_two_steps_per_client_with_exact_weights_and_three_otherwise():
+    assert privacy.secagg_bound([16, 16], 1.0, 2 ** 10, 16) == pytest.approx(2 * 2 * 1.0 / (2 * 2 ** 10))
+    assert privacy.secagg_bound([10, 7, 3], 1.0, 1000, 16) == pytest.approx(3 * 3 * 1.0 / (625 + 438 + 188))
+    assert privacy.secagg_max_weight(RunConfig.from_dict(config({})), 20) == 32
+
+
+# ---------------------------------------------------------------- real SuperLink and SuperNodes on loopback
+@pytest.mark.slow
+@pytest.mark.long
+def test_secagg_on_loopback_supernodes_with_a_drop_out_equals_fedavg_of_the_rest(tmp_path):
+    """A TLS SuperLink and 4 SuperNodes (real processes; node 2 drops out after sharing its keys):
+    the SecAgg+ ServerApp's aggregate equals the plain app's FedAvg of the other 3 within the bound."""
+    from chainfed_core.flower.loopback import Federation
+
+    started = time.time()
+    secagg = {"clipping_range": 0.5, "quantization_range": 2 ** 12}
+    (tmp_path / "cfg.json").write_text(json.dumps(config(secagg)))
+    fed, out = Federation(tmp_path / "fed", NODES), tmp_path / "flower_out"
+    try:
+        fed.start([f"partition-id={k} num-partitions={NODES}" + (" secagg-drop-after='share-keys'" if k == 2 else "")
+                   for k in range(NODES)])
+        done = fed.flwr("run", ROOT / "flower_app" / "secagg", "federation", "--stream", "--run-config",
+                        f"config-file='{tmp_path / 'cfg.json'}' overrides='' out-dir='{out}'", timeout=600)
+        deadline = time.time() + 300
+        while done.returncode == 0 and not (out / RECORD_FILE).exists() and time.time() < deadline:
+            time.sleep(1)
+        if not (out / RECORD_FILE).exists():
+            print(done.stdout[-4000:], done.stderr[-2000:], fed.log("superlink")[-4000:], fed.log("supernode2")[-3000:],
+                  sep="\n----\n")
+        assert (out / RECORD_FILE).exists()
+    finally:
+        fed.stop()
+    took = time.time() - started
+    record = json.loads((out / RECORD_FILE).read_text())
+    (note,) = record["secagg"]
+    assert note["dropped"] == [2] and note["completed"] == [0, 1, 3] and note["clipped"] == 0
+    assert "drops out after sharing its keys" in fed.log("supernode2")
+    run_app(config(), tmp_path / "plain", secagg=False, drop=(2,))
+    err, rounding = max_error(out, tmp_path / "plain")
+    print(f"loopback SecAgg+ (4 SuperNodes, node 2 dropped): max |secagg - fedavg| = {err:.3g}, "
+          f"bound {note['bound']:.3g}; {took:.0f} s")
+    assert 0 < err <= note["bound"] + rounding
