@@ -157,8 +157,11 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
         gc.unfreeze()
         checkpoints.close()
         if status == "failed" or server.finished():
-            record = run_record(cfg, server, started, data=task.data,
-                                **({"status": status} if status != "complete" else {}))
+            extra = {"status": status} if status != "complete" else {}
+            if status == "complete" and task.final_eval is not None:     # instruction tuning: MMLU, ...
+                server.method.load_state(backbone, server.state["global"])
+                extra["final_eval"] = task.final_eval(backbone)
+            record = run_record(cfg, server, started, data=task.data, **extra)
             atomic_write_json(out / RECORD_FILE, record)
     return record
 

@@ -187,3 +187,33 @@ def split_clients(dataset: hfds.Dataset, num_clients: int, *, seed: int = 0,
     labels = hfds.Dataset.from_dict({"label": np.zeros(len(dataset), dtype=np.int64)})
     split = client_indices(labels, num_clients, scheme="iid", min_partition_size=min_partition_size, seed=seed)
     return [dataset.select(split.indices(k)) for k in range(num_clients)]
+
+
+def padded_rows(dataset: hfds.Dataset, length: int, pad_id: int = 0) -> hfds.Dataset:
+    """Rows right-padded to ``length`` (ids with ``pad_id``, labels with -100), plus a constant
+    ``label`` column: the fixed-width layout the simulator's population gathers batches from
+    (:class:`chainfed_core.population.Population`; each batch is trimmed back to its longest row)."""
+    def pad(values: list, fill: int) -> list:
+        return list(values) + [fill] * (length - len(values))
+    return hfds.Dataset.from_dict({
+        "input_ids": [pad(x, pad_id) for x in dataset["input_ids"]],
+        "attention_mask": [pad(x, 0) for x in dataset["attention_mask"]],
+        "lm_labels": [pad(x, IGNORE_INDEX) for x in dataset["lm_labels"]],
+        "label": [0] * len(dataset), "record": list(dataset["record"])})
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no download: 256 byte tokens, then ``<pad>``, ``<s>``, ``</s>``
+    (ids 256-258), no merges, so a text of n bytes is n tokens. The tiny decoders of the quick
+    profile read text through it (:mod:`chainfed_core.instruct_runs`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab.update({tok: 256 + i for i, tok in enumerate(specials)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

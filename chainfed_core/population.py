@@ -44,7 +44,7 @@ class Population:
     @functools.cached_property
     def _columns(self) -> dict[str, torch.Tensor]:
         """The training set's columns as tensors, gathered once and shared by every client."""
-        columns = ["input_ids", "attention_mask", "label"]
+        columns = [c for c in ("input_ids", "attention_mask", "label", "lm_labels") if c in self.train.column_names]
         return {k: torch.as_tensor(v) for k, v in self.train.with_format("torch", columns=columns)[:].items()}
 
     @functools.cached_property

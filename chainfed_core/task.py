@@ -1,7 +1,8 @@
 """The task every client and the server build the same way from a config: model and data.
 
 ``model.name = "tiny-<family>[-L4][-H32]"`` and ``data.dataset = "synthetic"`` give the
-CPU-sized toy task used by tests and quick runs; anything else goes through
+CPU-sized toy task used by tests and quick runs; ``data.dataset = "alpaca"`` the instruction
+tuning of a decoder (:mod:`chainfed_core.instruct_runs`); anything else goes through
 ``chainfed_core.data`` and ``chainfed_core.backbone.load_backbone``.
 """
 
@@ -28,6 +29,9 @@ class Task:
     num_labels: int
     pad_id: int = 0
     data: dict = field(default_factory=dict)   # provenance for the record (``data.fingerprint``)
+    # the evaluation after the last round, into the record's ``final_eval`` (instruction tuning:
+    # MMLU and the other benchmarks, :mod:`chainfed_core.instruct_runs`); None: none
+    final_eval: Callable[[Backbone], dict] | None = None
 
 
 def synthetic_dataset(n: int, num_labels: int = 3, seq_len: int = 12, seed: int = 0):
@@ -90,6 +94,10 @@ def _splits(cfg: RunConfig):
 def build_task(config: RunConfig) -> Task:
     """Model factory and tokenized train/test splits for ``config``."""
     cfg = config
+    from .instruct_runs import build_instruct_task, is_instruct
+
+    if is_instruct(cfg.data.dataset):       # Alpaca records: causal-LM instruction tuning
+        return build_instruct_task(cfg)
     method = get_method(cfg.method)
     train, test, num_labels, pad_id, provenance = _splits(cfg)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .aggregation import pack
-from .backbone import Backbone, LayerContext
+from .backbone import IGNORE_INDEX, Backbone, LayerContext
 from .config import TrainConfig
 from .gpo import STAGE_HEAD, gpo_loss, stage_head_names, stage_head_parameters
 from .lora import lora_names
@@ -147,9 +147,22 @@ def collate(rows: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
             input_ids[row, :len(x)] = x
             attention[row, :len(m)] = m
     batch = {"input_ids": input_ids.masked_fill(attention == 0, pad_id), "attention_mask": attention}
+    if "lm_labels" in rows:                              # instruction rows: the loss on the response only
+        batch["lm_labels"] = _lm_labels(rows["lm_labels"], longest).masked_fill(attention == 0, IGNORE_INDEX)
     if "label" in rows:
         batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
     return batch
+
+
+def _lm_labels(labels, longest: int) -> torch.Tensor:
+    """(B, T) response-token labels (:mod:`chainfed_core.instruct`) cut or padded with -100 to ``longest``."""
+    if torch.is_tensor(labels) and labels.ndim == 2:
+        return labels[:, :longest].long()
+    out = torch.full((len(labels), longest), IGNORE_INDEX, dtype=torch.long)     # (B, T)
+    for row, lab in enumerate(labels):
+        lab = torch.as_tensor(lab, dtype=torch.long)[:longest]
+        out[row, :len(lab)] = lab
+    return out
 
 
 # ---------------------------------------------------------------------- training
@@ -240,7 +253,10 @@ def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, 
 
 @torch.no_grad()
 def evaluate(backbone: Backbone, dataset, batch_size: int = 64, pad_id: int = 0) -> dict[str, float]:
-    """End-to-end loss and accuracy (classification) or loss and perplexity (LM)."""
+    """End-to-end loss and accuracy (classification) or loss and perplexity (LM: batches of at
+    most 8, the (B, T, V) logits of a real vocabulary are large)."""
+    if backbone.is_causal_lm:
+        batch_size = min(batch_size, 8)
     total_loss, correct, count = 0.0, 0, 0
     for batch in batches(dataset, batch_size, shuffle=False, pad_id=pad_id):
         hidden, ctx = backbone.embed(batch)
