@@ -88,7 +88,8 @@ def _device_node(cfg: RunConfig, node_config, cid: int, classes: list[str]) -> N
         backbone = device.streamed_model(cfg, store)
         if "memory-gb" in node_config:
             window = 1 if cfg.fed.window_from_memory else cfg.chain.window
-            device.check_budget(cfg, store, window, seq_len(data), float(node_config["memory-gb"]))
+            device.check_budget(cfg, store, window, seq_len(data), float(node_config["memory-gb"]),
+                                backbone.streamer.resident)
         cache = ActivationCache(backbone, max_memory_bytes=0, folder=node_config.get("cache-dir") or None,
                                 batch_size=cfg.train.batch_size, pad_id=pad_id)
     else:
@@ -163,9 +164,14 @@ def train(msg: Message, context: Context) -> Message:
     plan = plan_from(config)                  # the server's choice for this node and round
     if node.cache is not None and node.store is not None and "memory-gb" in context.node_config:
         device.check_budget(node.cfg, node.store, len(plan.training), seq_len(node.data),
-                            float(context.node_config["memory-gb"]))
+                            float(context.node_config["memory-gb"]), node.backbone.streamer.resident)
     method = _Cached(node) if node.cache is not None else node.method
     res = client_update(node.backbone, node.cfg, method, node.data, plan, state, r, node.cid, node.pad_id)
+    if node.store is not None:
+        # free the streamed window (resident while it trained) before Flower serialises the reply
+        # and the node's state: a LLaMA2-7B-shaped node's peak came there (0.4 GiB over training's);
+        # next round maps it again from the store
+        node.backbone.streamer.follow((), (), cached=True)
     metrics = MetricRecord({"num-examples": res.num_examples, "loss": res.loss, "accuracy": res.accuracy,
                             "steps": res.steps, "seconds": res.seconds, "peak-rss": peak_rss()})
     return Message(RecordDict({"arrays": to_record(res.state), "metrics": metrics}), reply_to=msg)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -65,8 +66,15 @@ def _store_run(config: RunConfig, num_labels: int) -> dict:
 def build_store(config: RunConfig, num_labels: int, folder: str | Path, dtype: torch.dtype | None = None) -> LayerStore:
     """The device's layer store of the run's model (once per device; a rerun resumes)."""
     store = save_layer_store(base_backbone(config, num_labels), folder, dtype)
-    (Path(folder) / STORE_RUN_FILE).write_text(json.dumps(_store_run(config, num_labels)))
+    mark_store(config, num_labels, folder)
     return store
+
+
+def mark_store(config: RunConfig, num_labels: int, folder: str | Path) -> None:
+    """Record beside the store's manifest that it holds the run's model (what :func:`open_store`
+    checks): :func:`build_store` does, and so does whoever wrote the model's store another way
+    (layer by layer, :func:`~chainfed_core.layer_store.write_random_store`)."""
+    (Path(folder) / STORE_RUN_FILE).write_text(json.dumps(_store_run(config, num_labels)))
 
 
 def open_store(config: RunConfig, num_labels: int, folder: str | Path) -> LayerStore:
@@ -82,27 +90,37 @@ def open_store(config: RunConfig, num_labels: int, folder: str | Path) -> LayerS
 
 
 def streamed_model(config: RunConfig, store: LayerStore):
-    """The run's model streamed from ``store``, with what the method adds (seeded as in memory)."""
+    """The run's model streamed from ``store``, with what the method adds (seeded as in memory).
+
+    Without prefetch: on the CPU a streamed layer is memory-mapped and the prefetch worker only
+    faults its pages in, which hides little with the store in the page cache, while the
+    prefetched layer stays resident beside the one computing all through the cache fill (the
+    LLaMA2-7B shape's train path, W=2, peaked at 2.08 GiB with it and 1.76 GiB without, in one
+    process; ``benchmarks/supernode_llama7b.py`` measures the deployed ClientApp)."""
     from ..streaming import load_streamed
 
-    sb = load_streamed(store)
+    sb = load_streamed(store, prefetch=False)
     get_method(config.method)(config, sb.num_layers, sb.family).prepare(sb)
     return sb
 
 
-def check_budget(config: RunConfig, store: LayerStore, window: int, seq_len: int, budget_gb: float) -> int:
+def check_budget(config: RunConfig, store: LayerStore, window: int, seq_len: int, budget_gb: float,
+                 resident: Iterable[str] = ()) -> int:
     """The deployed peak of a ChainFed step of ``window`` layers (bytes, the process's resident
-    set now included); :class:`MemoryBudgetError` if it exceeds ``budget_gb``."""
+    set now included); :class:`MemoryBudgetError` if it exceeds ``budget_gb``. ``resident``:
+    the store's parts the process holds already (the streamer's); the step's estimate counts
+    the head and ``rest`` too, so those are counted once."""
     from ..memory_model import streamed_chainfed_bytes
 
     step = streamed_chainfed_bytes(store.hf_config(), window, batch_size=config.train.batch_size, seq_len=seq_len,
                                    bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer,
                                    dtype=store.manifest["dtype"]).total
-    need, budget = current_rss() + step, budget_gb * 2 ** 30
+    held = current_rss() - sum(store.nbytes(k) for k in set(resident) & {"head", "rest"})
+    need, budget = held + step, budget_gb * 2 ** 30
     if need > budget:
         raise MemoryBudgetError(
             f"node config memory-gb={budget_gb}: a ChainFed step of window W={window} needs "
-            f"{need / 2 ** 30:.3f} GB ({current_rss() / 2 ** 30:.3f} GB this process holds already + "
+            f"{need / 2 ** 30:.3f} GB ({held / 2 ** 30:.3f} GB this process holds already besides the model + "
             f"{step / 2 ** 30:.3f} GB for the step), more than the budget; give the node more memory or "
             "run a narrower window (chain.window)")
     return need
