@@ -38,8 +38,8 @@ from chainfed_core.experiments import profile as profile_settings  # noqa: E402
 from chainfed_core.records import code_version  # noqa: E402  (read now, before a notebook writes anything)
 
 REPORTS = REPO / "reports"
-NOTEBOOKS = ["table1_main_results", "table2_threshold", "table4_ablation", "fig8_window_size", "fig9_global_weight",
-             "obs1_memory_constrained", "beyond_dp_tradeoff"]
+NOTEBOOKS = ["table1_main_results", "table2_threshold", "table3_instruction_tuning", "table4_ablation",
+             "fig8_window_size", "fig9_global_weight", "obs1_memory_constrained", "beyond_dp_tradeoff"]
 CLAIMS = "claims"        # the claims page: executed after NOTEBOOKS, first in the index
 PROFILES = ["quick", "cpu", "cpu-full", "gpu-full"]
 # The README's quickstart: MiniLM-L6 on sarcasm, 1,000 training and 500 test examples, 6 rounds.

@@ -164,3 +164,35 @@ def test_mmlu_on_a_tiny_model_scores_the_questions_asked():
     bb = instruct_runs.tiny_decoder("tiny-llama-L2-H16", 259, seed=0)
     out = instruct_runs.score_mmlu(bb, instruct.byte_tokenizer(), 5)
     assert out["n"] == 5 and len(out["predictions"]) == 5 and 0 <= out["micro_accuracy"] <= 1
+
+
+def test_table3_configs_rows_memory_and_the_claim():
+    import pandas as pd
+
+    from chainfed_core import instruct_table as it
+
+    cfgs = {v: it.run_config("cpu", v) for v in it.VARIANTS}
+    assert cfgs["ChainFed W=3"].chain.window == 3 and cfgs["ChainFed W=3"].method == "chainfed"
+    assert cfgs["No-FT"].fed.rounds == 1 and cfgs["Full Adapters"].fed.rounds == it.PROFILES["cpu"]["rounds"]
+    c = cfgs["Full Adapters"]
+    assert (c.data.num_clients, c.fed.clients_per_round, c.train.local_steps, c.train.optimizer) == (20, 2, 10, "adamw")
+    assert it.run_config("cpu-full", "No-FT") == cfgs["No-FT"]
+    record = {"history": [{"test_loss": 2.0, "seconds_train": 3.0}], "start_layer": 2, "window": 2, "wall_s": 9.0,
+              "final_eval": {"mmlu": {"subject_average": 0.3, "micro_accuracy": 0.25, "seconds": 4.0},
+                             "crass": {"micro_accuracy": 0.5, "seconds": 1.0}}}
+    rows = pd.DataFrame([it.row_of("Full Adapters", record),
+                         it.row_of("ChainFed W=2", {**record, "final_eval": {
+                             "mmlu": {"subject_average": 0.4, "micro_accuracy": 0.3}, "crass": {"micro_accuracy": 0.5}}})]
+                        ).set_index("variant")
+    assert rows.loc["Full Adapters", "average"] == pytest.approx(40.0) and rows.loc["Full Adapters", "eval_s"] == 5.0
+    assert math.isnan(rows.loc["Full Adapters", "BBH"]) and math.isnan(rows.loc["Full Adapters", "DROP"])
+    memory = it.memory_reductions("quick")            # a tiny model: the LLaMA shapes only
+    assert set(memory["W"]) == {2, 3, 4} and not memory["model"].str.contains("ours").any()
+    assert (memory["reduction (streamed)"] > memory["reduction (resident)"]).all()
+    assert (memory["reduction (resident)"] > 1).all()
+    table = it.table3(rows, memory)
+    assert table.loc["ChainFed W=2", ("paper LLaMA2-7B", "MMLU")] == 45.17
+    assert table.loc["Full Adapters", ("ours", "memory_reduction")] == 1.0
+    sentence = it.claim(rows)
+    assert sentence.startswith("ChainFed >= Full Adapters holds here for ChainFed W=2")
+    assert "average over MMLU, CRASS" in sentence
