@@ -42,10 +42,8 @@ about half of all weights, so tuning them would double every replay, and the pap
 gains come from the layers.
 
 Memory (:meth:`FedKSeed.peak_bytes`): inference only: the weights, one forward's
-activations and the step's z, held through the step's four updates (as many floats as the
-tuned tensors; :func:`zo_step`); no gradients, no optimizer state. A device that cannot
-spare |θ| more regenerates z for each update (``regenerate=True``: the same bits, four
-times the Gaussian draws, which are most of a CPU step). In simulation a party also keeps θ0 and the last rebuilt θ in memory (restoring
+activations or one tensor's transient z, whichever is larger; no gradients, no optimizer
+state. In simulation a party also keeps θ0 and the last rebuilt θ in memory (restoring
 between clients is then a copy); a device would reload θ0 from its weights file.
 """
 
@@ -117,51 +115,33 @@ def seed_probabilities(abs_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the model as a function of seeds
-def noise(params: Sequence["torch.Tensor"], seed: int) -> list["torch.Tensor"]:
-    """z(seed): one N(0, I) tensor per tuned tensor, drawn in order from one generator seeded
-    with ``seed`` (the same draws :func:`perturb` makes one tensor at a time)."""
+def perturb(params: Sequence["torch.Tensor"], seed: int, scale: float) -> None:
+    """θ ← θ + scale · z(seed), z regenerated tensor by tensor in order (one transient z at a time)."""
     import torch
 
     gen = torch.Generator(device=params[0].device).manual_seed(int(seed))
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
-
-
-def perturb(params: Sequence["torch.Tensor"], seed: int, scale: float,
-            z: Sequence["torch.Tensor"] | None = None) -> None:
-    """θ ← θ + scale · z(seed): z regenerated tensor by tensor in order (one transient z at a
-    time, as a device does), or ``z`` given (the same tensors, :func:`noise`)."""
-    import torch
-
-    gen = torch.Generator(device=params[0].device).manual_seed(int(seed)) if z is None else None
     with torch.no_grad():
-        for k, p in enumerate(params):
-            zk = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) if z is None else z[k]
-            p.add_(zk, alpha=scale)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device), alpha=scale)
 
 
 def zo_step(params: Sequence["torch.Tensor"], seed: int, eps: float, lr: float,
-            loss: Callable[[], float] | None = None, g: float | None = None,
-            regenerate: bool = False) -> tuple[float, float]:
+            loss: Callable[[], float] | None = None, g: float | None = None) -> tuple[float, float]:
     """One zeroth-order step on ``seed``: probe θ+εz and θ−εz, return to θ, then θ ← θ − η g z.
 
     With ``loss`` (the loss at the current parameters) g = (L+ − L−) / 2ε is measured and
     rounded to float32, the precision it is uploaded in; with ``g`` given (a replay) the same
     operations run without a loss. Returns (g, mean of L+ and L−; nan in a replay). A
-    non-finite g becomes 0 (the step is skipped).
-
-    z is drawn once and held for the step's four updates (|θ| floats more than a device that
-    regenerates it each time, ``regenerate=True``, and four times fewer Gaussian draws, which
-    are most of a CPU step); the two give the same bits, as the draws are the same."""
-    z = None if regenerate else noise(params, seed)
-    perturb(params, seed, eps, z)
+    non-finite g becomes 0 (the step is skipped)."""
+    perturb(params, seed, eps)
     plus = loss() if loss is not None else math.nan
-    perturb(params, seed, -2 * eps, z)
+    perturb(params, seed, -2 * eps)
     minus = loss() if loss is not None else math.nan
-    perturb(params, seed, eps, z)
+    perturb(params, seed, eps)
     if g is None:
         g = float(np.float32((plus - minus) / (2 * eps)))
         g = g if math.isfinite(g) else 0.0
-    perturb(params, seed, -lr * g, z)
+    perturb(params, seed, -lr * g)
     return g, (plus + minus) / 2
 
 
@@ -335,16 +315,29 @@ class FedKSeed(Method):
     # -- memory
     @classmethod
     def peak_bytes(cls, hf_config, window, *, batch_size, seq_len, bottleneck, optimizer, dtype):
-        """Inference only: the weights (layers and head as trainable), one forward's
-        activations and the step's z, held through its probes (as large as the tuned tensors)."""
+        """Inference only: the weights (layers and head as trainable) and the larger of one
+        forward's activations and the largest tuned tensor's transient z."""
         import torch
         from ..memory_model import MemoryEstimate, part_sizes, peak_training_bytes
+        from ..model_parts import build_model, hf_config as as_hf_config
 
         forward = peak_training_bytes(hf_config, "no_ft", 1, batch_size, seq_len, dtype)
         sizes, wb = part_sizes(hf_config), torch.finfo(getattr(torch, dtype)).bits // 8
         head = 0 if hf_config.model_type == "llama" else sizes["head"] * 4    # an LM head stays frozen
         tuned = sizes["num_layers"] * sizes["layer"] * wb + head
+        largest_z = _largest_layer_tensor(as_hf_config(hf_config), build_model) * wb
         weights = forward.frozen_weights + forward.trainable
         return MemoryEstimate(frozen_weights=weights - tuned, trainable=tuned, gradients=0, optimizer_state=0,
-                              activations=forward.activations + tuned,
+                              activations=max(forward.activations, largest_z),
                               notes={**forward.notes, "method": "fedkseed"})
+
+
+def _largest_layer_tensor(config, build_model) -> int:
+    """Elements of the largest tensor of one layer, counted on the meta device."""
+    import torch
+    from ..backbone import from_model
+
+    with torch.device("meta"):
+        model = build_model(config, config.model_type)
+    layers = from_model(model, config.model_type).layers
+    return max(p.numel() for p in layers[0].parameters())
