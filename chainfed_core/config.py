@@ -308,16 +308,20 @@ class SecAggConfig(Config):
     """Secure aggregation by Flower's SecAgg+ (:mod:`chainfed_core.flower.secagg_app`, the
     SecAgg+ ServerApp: the server sees only the sum of the clients' masked, quantised updates).
     Field names are Flower's (``SecAggPlusWorkflow``); the bound on the aggregate's quantisation
-    error is :func:`chainfed_core.privacy.secagg_bound`."""
-    enabled: bool = option("Aggregate with SecAgg+ (run the SecAgg+ ServerApp; the simulator and the plain "
-                           "ServerApp do not mask).", False)
+    error is :func:`chainfed_core.privacy.secagg_bound`. With ``dp.enabled`` too, the clients clip
+    to dp.clip_norm before masking and the server adds DP-FedAvg's noise to the unmasked mean
+    (:mod:`chainfed_core.privacy`)."""
+    enabled: bool = option("Aggregate with SecAgg+ (run the SecAgg+ ServerApp, flower_app/secagg; the simulator "
+                           "and the plain ServerApp refuse it).", False)
     num_shares: Optional[int] = option("Shares each client's secrets are split into (its neighbours, itself "
                                        "included); None: every client of the round.", None, ge=3)
     reconstruction_threshold: int = option("Shares that reconstruct a secret: a round completes while at least "
                                            "this many of each client's neighbours stay; must be < num_shares.",
                                            2, ge=2)
-    clipping_range: float = option("c: each element of a client's weighted update (its change of the window, "
-                                   "times n_k / max_weight) is clipped to [-c, c] before quantisation.", 8.0, gt=0)
+    clipping_range: Optional[float] = option("c: each element of a client's weighted update (its change of the "
+                                             "window, times n_k / max_weight) is clipped to [-c, c] before "
+                                             "quantisation; None: dp.clip_norm with DP (weights 1: nothing is "
+                                             "clipped), else 8.", None, gt=0)
     quantization_range: int = option("Q: [-c, c] is quantised to the integers 0..Q (steps of 2c/Q).", 2 ** 22, ge=2)
     max_weight: Optional[float] = option("W: the largest example count a client may weigh in with; None: the "
                                          "smallest power of two >= the largest client's count (exact weights).",

@@ -116,8 +116,12 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
     continues from the last checkpoint. The folder is locked while the run writes it: a
     second run on it fails at once. After ``max_failed_rounds`` consecutive rounds in which
     every selected client failed, the record is written (``status: "failed"``) and
-    :class:`~chainfed_core.rounds.AllClientsFailed` raised.
+    :class:`~chainfed_core.rounds.AllClientsFailed` raised. ``secagg.enabled`` is refused (the
+    simulator does not mask: SecAgg+ runs as the Flower app ``flower_app/secagg``).
     """
+    if config.secagg.enabled:
+        raise ValueError("SecAggConfig.enabled: the simulator does not mask the updates; run SecAgg+ with the "
+                         "Flower app flower_app/secagg (flwr run flower_app/secagg <federation>)")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

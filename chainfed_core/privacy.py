@@ -29,8 +29,15 @@ Methods: DP covers those whose aggregation is a mean, per tensor, of updates tha
 one global value; :data:`UNSUPPORTED` says why the others are refused.
 
 Secure aggregation (``secagg``, Flower's SecAgg+, run by :mod:`chainfed_core.flower.secagg_app`):
-its checks before training (:func:`check_secagg`) and the bound on its quantisation error
-(:func:`secagg_bound`) are at the end.
+its checks before training (:func:`check_secagg`), its clipping range (:func:`secagg_clipping_range`)
+and the bound on its quantisation error (:func:`secagg_bound`) are at the end. DP with SecAgg+:
+step 1 runs on each client before it masks its update (the same :func:`clip_delta`), weights are 1
+there too, and the server, which sees only the unmasked mean, adds step 3's noise to it (the same
+draw). One client then moves the dequantised sum by at most C + sqrt(d)·2c/Q (d elements; the
+stochastic rounding's step, 2c/Q = 2C/Q at c = C): the accountant takes C, about 2·sqrt(d)/Q
+relative less (1.5e-4 at d = 10^5, Q = 2^22); the record's ``secagg`` section states it per round.
+As with Flower's client-side fixed clipping, the noise is the server's: ε covers what the rounds
+release (the global model), not the server itself, which sees the mean before it adds the noise.
 """
 
 from __future__ import annotations
@@ -120,11 +127,20 @@ def clip(state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
     if missing:
         raise ValueError(f"DP: an update carries tensors it was not sent, so it has no change to clip: {missing[:3]}")
     delta = {n: t.detach().double() - sent[n].detach().double() for n, t in state.items()}
+    clipped, norm = clip_delta(delta, clip_norm)
+    if clipped is delta:
+        return state, norm
+    return {n: (sent[n].double() + d).to(state[n].dtype) for n, d in clipped.items()}, norm
+
+
+def clip_delta(delta: dict[str, torch.Tensor], clip_norm: float | None) -> tuple[dict[str, torch.Tensor], float]:
+    """(``delta``, float64 tensors, scaled to L2 norm ``clip_norm`` if longer, its norm): the
+    clipping of :func:`clip`, and of a SecAgg+ client before it masks its update."""
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
     if clip_norm is None or norm <= clip_norm:
-        return state, norm
+        return delta, norm
     scale = clip_norm / norm
-    return {n: (sent[n].double() + d * scale).to(state[n].dtype) for n, d in delta.items()}, norm
+    return {n: d * scale for n, d in delta.items()}, norm
 
 
 def noise_generator(seed: int, round_index: int) -> torch.Generator:
@@ -150,21 +166,27 @@ def privatize(config, round_index: int, updates: list[tuple[dict, int]],
               sent: list[dict]) -> tuple[list[tuple[dict, int]], dict]:
     """The round's updates as DP-FedAvg aggregates them (clipped, weight 1 each, with the
     average's noise) and the metrics it adds to the round's line; with DP off, the updates
-    as they are and no metrics."""
+    as they are and no metrics. With ``secagg`` too, every update is already s + the unmasked
+    mean of the clients' clipped updates (:mod:`chainfed_core.flower.secagg_app`): only the
+    noise is added (the same draw), and the per-client norms, which the server never sees, are
+    None (``dp_update_norms``, ``dp_clipped``: the record's ``secagg`` section has the count)."""
     dp = config.dp
     if not dp.enabled:
         return updates, {}
     z = noise_multiplier(config)
-    clipped = [clip(state, s, dp.clip_norm) for (state, _), s in zip(updates, sent)]
-    states = [state for state, _ in clipped]
+    if config.secagg.enabled:        # the clients clipped before masking: each state is s + their mean
+        states, norms = [state for state, _ in updates], None
+    else:
+        clipped = [clip(state, s, dp.clip_norm) for (state, _), s in zip(updates, sent)]
+        states, norms = [state for state, _ in clipped], [norm for _, norm in clipped]
     if z > 0 and states:
         states = add_noise(states, z * dp.clip_norm, noise_generator(config.seed, round_index))
-    norms = [norm for _, norm in clipped]
     q, m = sample_rate(config), len(updates)
     metrics = {"dp_epsilon": epsilon(q, z, round_index + 1, dp.delta), "dp_delta": dp.delta, "dp_sample_rate": q,
                "dp_noise_multiplier": z, "dp_noise_std": z * dp.clip_norm / m if z > 0 and m else 0.0,
                "dp_update_norms": norms,
-               "dp_clipped": int(sum(dp.clip_norm is not None and n > dp.clip_norm for n in norms))}
+               "dp_clipped": None if norms is None else
+               int(sum(dp.clip_norm is not None and n > dp.clip_norm for n in norms))}
     return [(state, 1) for state in states], metrics
 
 
@@ -203,8 +225,15 @@ def tradeoff_row(config, record: dict) -> dict:
         row.update(target_epsilon=config.dp.target_epsilon, epsilon=final["dp_epsilon"],
                    noise_multiplier=final["dp_noise_multiplier"], noise_std=final["dp_noise_std"],
                    snr=signal_to_noise(config.dp.clip_norm, final["dp_noise_std"], row["coordinates"]),
-                   clipped=float(np.mean([m["dp_clipped"] / max(len(m["trained"]), 1) for m in history])))
+                   clipped=float(np.mean([_dp_clipped(m, record) / max(len(m["trained"]), 1) for m in history])))
     return row
+
+
+def _dp_clipped(metrics: dict, record: dict) -> float:
+    """A round's clipped clients: its line's, or with SecAgg+ the secure sum's (the record's ``secagg``)."""
+    if metrics["dp_clipped"] is not None:
+        return metrics["dp_clipped"]
+    return next((n["dp_clipped"] for n in record.get("secagg", []) if n["round"] == metrics["round"]), math.nan)
 
 
 # ---------------------------------------------------------------------- secure aggregation (SecAgg+)
@@ -223,8 +252,7 @@ def check_secagg(config) -> None:
         raise ValueError(f"SecAggConfig.enabled: SecAgg+ sums one weighted vector per round, which "
                          f"{config.method!r} does not send: {SECAGG_UNSUPPORTED[config.method]}")
     if config.dp.enabled:
-        raise ValueError("SecAggConfig.enabled: DP-FedAvg clips and noises each client's update on the server, "
-                         "which SecAgg+ hides from it; use one of dp.enabled and secagg.enabled")
+        _check_secagg_dp(config)
     if k < 3:
         raise ValueError(f"SecAggConfig.enabled: Flower's SecAgg+ needs at least 3 nodes per round, got "
                          f"fed.clients_per_round={k}")
@@ -241,9 +269,37 @@ def check_secagg(config) -> None:
                          f"modulus 2**32, or the masked sum wraps")
 
 
+def _check_secagg_dp(config) -> None:
+    """DP-FedAvg under SecAgg+: each client clips to norm C and weighs 1 (W = 1, so the mod's
+    factor a_k = round(Q·1/1)/Q is exactly 1), hence every element is within [-C, C] and the
+    clipping range must be at least C."""
+    sa, clip_norm = config.secagg, config.dp.clip_norm
+    if clip_norm is None:
+        raise ValueError("DPConfig.clip_norm: SecAgg+ with DP quantises the clipped updates in [-C, C]; "
+                         "None (no clipping) gives it no range")
+    if sa.max_weight is not None:
+        raise ValueError(f"SecAggConfig.max_weight: with dp.enabled every client weighs 1 (DP-FedAvg's equal "
+                         f"weights, W = 1); leave it None, got {sa.max_weight}")
+    if sa.clipping_range is not None and sa.clipping_range < clip_norm:
+        raise ValueError(f"SecAggConfig.clipping_range: {sa.clipping_range} < dp.clip_norm={clip_norm} would clip "
+                         f"elements of a clipped update (each |x| <= C) silently; leave it None (= C) or set it >= C")
+
+
+def secagg_clipping_range(config) -> float:
+    """c: ``secagg.clipping_range``; None: dp.clip_norm C with DP (every element of an update
+    clipped to norm C, at weight factor 1, is within [-C, C]: nothing more is clipped), else
+    Flower's default 8."""
+    if config.secagg.clipping_range is not None:
+        return config.secagg.clipping_range
+    return float(config.dp.clip_norm) if config.dp.enabled else 8.0
+
+
 def secagg_max_weight(config, largest_count: int) -> float:
-    """W: ``secagg.max_weight``, or the smallest power of two >= the largest client's example
-    count (with Q a power of two >= W, Q·n_k/W is an integer: the weights are exact)."""
+    """W: 1 with DP (every client weighs 1); ``secagg.max_weight``, or the smallest power of two
+    >= the largest client's example count (with Q a power of two >= W, Q·n_k/W is an integer:
+    the weights are exact)."""
+    if config.dp.enabled:
+        return 1.0
     if config.secagg.max_weight is not None:
         return config.secagg.max_weight
     return float(2 ** max(0, math.ceil(math.log2(max(largest_count, 1)))))
@@ -265,7 +321,7 @@ def secagg_bound(num_examples: list[int], clipping_range: float, quantization_ra
                       W <= Q: :func:`secagg_max_weight`)
 
     so the bound is 2·m·c/Σq_k (exact weights) or 3·m·c/Σq_k. With n_k near W it is about 2c/Q:
-    one quantisation step (c = 8, Q = 2**22: 3.8e-6)."""
+    one quantisation step (c = 8, Q = 2**22: 3.8e-6). With DP (weights 1, W = 1, c = C): 2C/Q."""
     q = [round(n * quantization_range / max_weight) for n in num_examples]
     exact = all(n * quantization_range / max_weight == qk for n, qk in zip(num_examples, q))
     return (2 if exact else 3) * len(q) * clipping_range / sum(q)

@@ -1,6 +1,8 @@
 """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod, chainfed_core.flower.secagg_app): the
 masked aggregate equals plain FedAvg within the stated quantisation bound, a node that drops out
-after sharing its keys is reconstructed and the round completes, and bad input fails before training.
+after sharing its keys is reconstructed and the round completes, bad input fails before training,
+DP-FedAvg with SecAgg+ (clients clip before masking, the server noises the unmasked mean) equals
+the DP round within the bound with the same noise, and the runtimes that do not mask refuse it.
 
 The fast tests run Flower's SecAgg+ workflow and mod as they are, over an in-process Grid (every
 message a real Flower Message to the node's ClientApp, each node with its own Context); the long
@@ -142,11 +144,52 @@ def test_bad_secagg_input_is_refused_at_construction(secagg, fed, message):
         RunConfig.from_dict(config(secagg, **fed))
 
 
-def test_secagg_is_refused_with_dp_and_for_methods_without_one_sum():
-    with pytest.raises(ValueError, match="use one of dp.enabled and secagg.enabled"):
-        RunConfig.from_dict({**config({}), "dp": {"enabled": True, "noise_multiplier": 0.5}})
+def test_secagg_is_refused_for_methods_without_one_sum():
     with pytest.raises(ValueError, match="SecAggConfig.enabled: .*'fedra'"):
         RunConfig.from_dict({**config({}), "method": "fedra"})
+
+
+# ---------------------------------------------------------------- (d) DP-FedAvg with SecAgg+
+DP = {"enabled": True, "clip_norm": 0.05, "noise_multiplier": 1.0}
+
+
+@pytest.mark.parametrize("secagg, dp, message", [
+    ({"clipping_range": 0.01}, {}, r"SecAggConfig.clipping_range: 0.01 < dp.clip_norm=0.05 would clip"),
+    ({"max_weight": 32}, {}, r"SecAggConfig.max_weight: with dp.enabled every client weighs 1"),
+    ({}, {"clip_norm": None, "noise_multiplier": 0.0}, r"DPConfig.clip_norm: SecAgg\+ with DP quantises"),
+])
+def test_bad_dp_with_secagg_input_is_refused_at_construction(secagg, dp, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict({**config(secagg), "dp": {**DP, **dp}})
+
+
+def test_the_clipping_range_is_the_clip_norm_with_dp_and_8_without():
+    assert privacy.secagg_clipping_range(RunConfig.from_dict({**config({}), "dp": DP})) == 0.05
+    assert privacy.secagg_clipping_range(RunConfig.from_dict({**config({"clipping_range": 0.2}), "dp": DP})) == 0.2
+    assert privacy.secagg_clipping_range(RunConfig.from_dict(config({}))) == 8.0
+
+
+def test_dp_with_secagg_equals_the_dp_round_within_the_bound_with_the_same_noise(tmp_path):
+    """Clients clip before masking, weights 1, the server noises the unmasked mean: the plain
+    ServerApp's DP round (bitwise the simulator's, tests/test_privacy.py) within 2C/Q, the same ε."""
+    plain = run_app({**config(), "dp": DP}, tmp_path / "plain", secagg=False)
+    p = plain["history"][0]
+    assert p["dp_clipped"] > 0 and p["dp_noise_std"] == DP["noise_multiplier"] * DP["clip_norm"] / NODES
+    for name, q in (("fine", 2 ** 22), ("coarse", 2 ** 8)):
+        masked = run_app({**config({"quantization_range": q}), "dp": DP}, tmp_path / name, secagg=True)
+        (note,) = masked["secagg"]
+        m = masked["history"][0]
+        err, rounding = max_error(tmp_path / name, tmp_path / "plain")
+        print(f"DP + SecAgg+ Q=2^{q.bit_length() - 1}: max |dp-secagg - dp| = {err:.3g}, bound {note['bound']:.3g}, "
+              f"noise std {p['dp_noise_std']:.3g}, clients clipped {note['dp_clipped']}")
+        assert note["clipped"] == 0 and note["clipping_range"] == DP["clip_norm"] and note["weights"] == [1] * NODES
+        assert note["bound"] == pytest.approx(2 * DP["clip_norm"] / q)
+        assert note["dp_clipped"] == p["dp_clipped"] and m["dp_clipped"] is None and m["dp_update_norms"] is None
+        assert note["dp_sensitivity"] > DP["clip_norm"]
+        assert {k: m[k] for k in ("dp_epsilon", "dp_noise_std", "dp_delta", "trained", "num_examples")} == \
+               {k: p[k] for k in ("dp_epsilon", "dp_noise_std", "dp_delta", "trained", "num_examples")}
+        assert err <= note["bound"] + rounding and note["bound"] < p["dp_noise_std"] / 10     # the same noise
+    assert err > 1e-5                                          # the coarse quantisation is seen
 
 
 def test_the_secagg_app_refuses_a_config_without_secagg_and_waits_for_every_node(tmp_path):
@@ -156,6 +199,19 @@ def test_the_secagg_app_refuses_a_config_without_secagg_and_waits_for_every_node
         from chainfed_core.flower import secagg_app, secagg_client
         grid = Grid(NODES - 1, secagg_client.clientapp)
         secagg_app.SecAggClients(grid, RunConfig.from_dict(config({}))).discover(wait_s=0.1)
+
+
+def test_the_simulator_and_the_plain_server_app_refuse_secagg_in_one_line(tmp_path):
+    """They would otherwise run the rounds unmasked."""
+    from chainfed_core.federated import run
+
+    refusal = r"^SecAggConfig.enabled: {} does not mask the updates; run SecAgg\+ with .*flower_app/secagg"
+    with pytest.raises(ValueError, match=refusal.format("the simulator")) as err:
+        run(RunConfig.from_dict(config({})), tmp_path / "sim", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "sim").exists()
+    with pytest.raises(ValueError, match=refusal.format("this ServerApp")) as err:
+        run_app(config({}), tmp_path / "plain", secagg=False)
+    assert "\n" not in str(err.value)
 
 
 def test_the_section_at_its_default_leaves_the_hash_alone():

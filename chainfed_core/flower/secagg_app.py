@@ -21,7 +21,19 @@ that adapter, one round at a time. The server gets the weighted mean Δ̄ and, a
 does for the legacy strategies, every surviving client's reply carries the same aggregate
 (s + Δ̄) with its own count, so the method's FedAvg of them is s + Δ̄. Hence the methods whose
 aggregation is one example-weighted mean of the same tensors (:data:`chainfed_core.privacy.SECAGG_UNSUPPORTED`
-names the others), no per-client update validation (the server never sees one) and no DP-FedAvg.
+names the others), and no per-client update validation (the server never sees one).
+
+DP-FedAvg with SecAgg+ (``dp.enabled`` and ``secagg.enabled``): each client clips its Δ_k to norm
+C (:func:`chainfed_core.privacy.clip_delta`, the DP path's clipping) before the mod masks it and
+weighs 1 (W = 1: the mod's factor is exactly 1), so the unmasked aggregate is the plain mean of
+the clipped updates, as DP-FedAvg's; the clipping range c is C (every element of a clipped Δ_k is
+within [-C, C]: nothing is clipped; a smaller ``clipping_range`` is refused), the bound 2C/Q. The
+round (:func:`chainfed_core.privacy.privatize`) then adds the same noise N(0, (z·C/m)²), drawn
+from the same (seed, round) generator, as the DP path of the simulator and the plain ServerApp,
+and records ε alike. The secure sum carries one more element, C·[client k clipped], so the
+record's ``secagg`` section gives the round's count of clipped clients (``dp_clipped``; the
+round's line has None: the server sees no client's norm) and the sensitivity of the dequantised
+sum (``dp_sensitivity``: C + sqrt(d)·2c/Q, d elements, against the accountant's C).
 
 Accuracy: |(s + Δ̄) - FedAvg| per element is at most :func:`chainfed_core.privacy.secagg_bound`
 (2·m·c/Σq_k with exact weights: about one quantisation step 2c/Q), provided |Δ_k| <= c and
@@ -31,15 +43,14 @@ sharing its keys is reconstructed from its neighbours' shares; the round complet
 others while ``reconstruction_threshold`` of each node's neighbours remain, and is recorded as
 failed otherwise (with every client dropped: the run stops, as for any round where all fail).
 
-Run-config keys as :mod:`.server_app`'s; ``secagg.enabled`` must be true. The Flower app:
+Run-config keys as :mod:`.server_app`'s, whose :func:`~.server_app.serve` runs this app with
+:class:`SecAggClients`; ``secagg.enabled`` must be true. The Flower app:
 ``flower_app/secagg`` (its README section). Fault injection for tests: :mod:`.secagg_client`.
 """
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,15 +65,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from .. import privacy
-from ..checkpoint import Checkpointer
-from ..cli import config_from_args
-from ..federated import run_record
-from ..records import RECORD_FILE, atomic_write_json
-from ..rounds import evaluator, run_rounds
 from ..server import Server
-from ..task import build_task, seq_len
 from ..train import LocalResult
-from .server_app import FINAL_STATE_FILE, _resume_or_start
+from .server_app import serve
 from .transport import FlowerClients, RemoteError, plan_record, to_record
 
 
@@ -128,8 +133,9 @@ def _same_tensors(jobs) -> list[str]:
 class SecAggClients(FlowerClients):
     """:class:`FlowerClients` whose TRAIN round is one run of Flower's SecAgg+ workflow.
 
-    ``rounds``: per round, the nodes that completed and dropped, their counts, W, the bound of
-    :func:`chainfed_core.privacy.secagg_bound` and the elements the clients clipped."""
+    ``rounds``: per round, the nodes that completed and dropped, their counts and weights, W, c,
+    the bound of :func:`chainfed_core.privacy.secagg_bound` and the elements the clients clipped;
+    with DP, the clients that clipped (a secure sum) and the sum's sensitivity."""
 
     max_weight: float = 0.0
 
@@ -147,7 +153,7 @@ class SecAggClients(FlowerClients):
     def _workflow(self, contents: dict[int, RecordDict], m: int) -> _Workflow:
         sa = self.config.secagg
         return _Workflow(contents, num_shares=sa.num_shares or m, reconstruction_threshold=sa.reconstruction_threshold,
-                         max_weight=self.max_weight, clipping_range=sa.clipping_range,
+                         max_weight=self.max_weight, clipping_range=privacy.secagg_clipping_range(self.config),
                          quantization_range=sa.quantization_range, modulus_range=privacy.MODULUS,
                          timeout=self.config.fed.client_timeout_s or 3600)
 
@@ -156,9 +162,10 @@ class SecAggClients(FlowerClients):
         if sa.reconstruction_threshold >= (sa.num_shares or m) or (sa.num_shares or 0) > m:
             raise SecAggHalted(f"SecAggConfig.reconstruction_threshold: {sa.reconstruction_threshold} needs more "
                                f"than {m} nodes in round {round_index}")
+        dp = {"dp-clip-norm": float(self.config.dp.clip_norm)} if self.config.dp.enabled else {}
         contents = {self.node_of[j.client]: RecordDict({
             "window": to_record(j.window), "context": to_record(self._context(j, global_state)),
-            "config": self._config(**{"round": round_index, "client-id": j.client, **plan_record(j.plan)})})
+            "config": self._config(**{"round": round_index, "client-id": j.client, **plan_record(j.plan), **dp})})
             for j in jobs}
         strategy = _RoundStrategy(list(contents))
         state = RecordDict({"config": ConfigRecord({"current_round": round_index + 1}), "parameters": ArrayRecord()})
@@ -186,58 +193,49 @@ class SecAggClients(FlowerClients):
             self.lost.discard(j.client)
             res = strategy.replies[self.node_of[j.client]]
             mean = {n: (j.window[n].double() + torch.from_numpy(np.asarray(a, dtype=np.float64))).to(j.window[n].dtype)
-                    for n, a in zip(names, strategy.aggregate)}
+                    for n, a in zip(names, strategy.aggregate[:len(names)])}    # with DP, then the clipped flags
             metrics = res.metrics
             if "peak-rss" in metrics:
                 self.peak_rss[j.client] = max(self.peak_rss.get(j.client, 0), int(metrics["peak-rss"]))
-            yield j.client, LocalResult(mean, int(res.num_examples), int(metrics["steps"]), float(metrics["loss"]),
-                                        float(metrics["accuracy"]), float(metrics["seconds"]))
+            yield j.client, LocalResult(mean, int(metrics["num-examples"]), int(metrics["steps"]),
+                                        float(metrics["loss"]), float(metrics["accuracy"]), float(metrics["seconds"]))
 
     def _note(self, round_index: int, jobs, strategy: _RoundStrategy, done: set[int]) -> None:
-        sa = self.config.secagg
-        counts = [int(strategy.replies[self.node_of[c]].num_examples) for c in sorted(done)]
-        clipped = sum(int(strategy.replies[self.node_of[c]].metrics.get("secagg-clipped", 0)) for c in done)
-        self.rounds.append({"round": round_index, "completed": sorted(done),
-                            "dropped": sorted(j.client for j in jobs if j.client not in done),
-                            "num_examples": counts, "max_weight": self.max_weight, "clipped": clipped,
-                            "bound": privacy.secagg_bound(counts, sa.clipping_range, sa.quantization_range,
-                                                          self.max_weight) if counts else None})
+        sa, dp, c = self.config.secagg, self.config.dp, privacy.secagg_clipping_range(self.config)
+        replies = [strategy.replies[self.node_of[k]] for k in sorted(done)]
+        weights = [int(r.num_examples) for r in replies]           # the mod's: n_k, or 1 each with DP
+        clipped = sum(int(r.metrics.get("secagg-clipped", 0)) for r in replies)
+        note = {"round": round_index, "completed": sorted(done),
+                "dropped": sorted(j.client for j in jobs if j.client not in done),
+                "num_examples": [int(r.metrics["num-examples"]) for r in replies], "weights": weights,
+                "max_weight": self.max_weight, "clipping_range": c, "clipped": clipped,
+                "bound": privacy.secagg_bound(weights, c, sa.quantization_range, self.max_weight) if weights else None}
+        if dp.enabled:       # the secure sum of C·[clipped] over the m clients, whose mean the server unmasked
+            d = sum(a.size for a in strategy.aggregate[:-1]) if weights else 0
+            note["dp_clipped"] = round(float(strategy.aggregate[-1][0]) * len(weights) / dp.clip_norm) if weights else 0
+            note["dp_sensitivity"] = dp.clip_norm + np.sqrt(d) * 2 * c / sa.quantization_range
+        self.rounds.append(note)
         if clipped:
             log(WARNING, "SecAgg+ round %s: %s update elements clipped to +-%s (the bound does not hold)",
-                round_index, clipped, sa.clipping_range)
+                round_index, clipped, c)
 
 
 serverapp = ServerApp()
 
 
-@serverapp.main()
-def main(grid: Grid, context: Context) -> None:
-    started = time.perf_counter()
-    rc = context.run_config
-    config = config_from_args(str(rc["config-file"]) or None, str(rc.get("overrides", "")).split())
-    if not config.secagg.enabled:
-        raise ValueError("SecAggConfig.enabled: the SecAgg+ ServerApp runs with secagg.enabled=true only")
-    task = build_task(config)
-    backbone = task.make_backbone()
-    clients = SecAggClients(grid, config, task.data.get("classes"))
-    server = Server(config, backbone, clients.discover(), seq_len(task.train))
-    if server.clients_per_round <= config.secagg.reconstruction_threshold:
-        raise ValueError(f"SecAggConfig.reconstruction_threshold: {config.secagg.reconstruction_threshold} needs "
+def _check_threshold(server: Server) -> None:
+    threshold = server.config.secagg.reconstruction_threshold
+    if server.clients_per_round <= threshold:
+        raise ValueError(f"SecAggConfig.reconstruction_threshold: {threshold} needs "
                          f"more nodes per round than the {server.clients_per_round} eligible")
-    out = Path(str(rc.get("out-dir", ""))) if str(rc.get("out-dir", "")) else None
-    if out is not None:
-        _resume_or_start(out, server, clients)
-    checkpoints = Checkpointer(out) if out is not None else None
-    try:
-        run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id, server.method), checkpoints=checkpoints,
-                   started=started)
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()
+
+
+def _record(clients: SecAggClients) -> dict:
     log(INFO, "ChainFed SecAgg+: %s rounds, dropped per round %s", len(clients.rounds),
         [r["dropped"] for r in clients.rounds])
-    if out is not None:
-        torch.save(server.state["global"], out / FINAL_STATE_FILE)
-        record = run_record(config, server, started, data=task.data, runtime="flower-secagg",
-                            client_peak_rss=clients.peak_rss)
-        atomic_write_json(out / RECORD_FILE, {**record, "secagg": clients.rounds})
+    return {"secagg": clients.rounds}
+
+
+@serverapp.main()
+def main(grid: Grid, context: Context) -> None:
+    serve(grid, context, transport=SecAggClients, secagg=True, check=_check_threshold, extra=_record)

@@ -6,6 +6,12 @@ SecAgg+'s four stages (setup, share keys, unmask) are the mod's alone: this modu
 Flower at the top, and the project's client (:mod:`.client_app`: torch, the model) when a message
 needs it (discovery, FOAT, the collect-masked-vectors stage).
 
+With DP (the TRAIN config carries ``dp-clip-norm`` C): the node clips Δ_k to norm C with
+:func:`chainfed_core.privacy.clip_delta` (the DP path's own clipping) before the mod masks it, and
+weighs in with 1 (DP-FedAvg's equal weights; the server sets W = 1, so the mod's factor is exactly
+1 and every element is within [-C, C]: the clipping range); one element C·[Δ_k was clipped] is
+appended, so the secure sum gives the server the number of clients that clipped, not who did.
+
 Node config ``secagg-drop-after=share-keys`` (fault injection, for tests): the node fails each
 round once it has shared its keys, before it sends its masked vector.
 """
@@ -35,14 +41,14 @@ def _dropout_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def _clipped(delta: list[np.ndarray], num_examples: int, context: Context) -> int:
+def _clipped(delta: list[np.ndarray], weight: int, context: Context) -> int:
     """The elements of the weighted update a_k·Δ_k (a_k = round(Q·n_k/W)/Q, as the mod weighs it)
     outside [-c, c], which the mod clips (the setup stage left c, Q and W in the node's state)."""
     sa = context.state.config_records.get(RECORD_KEY_STATE)
     if sa is None:
         return 0
     c, q, w = float(sa["clipping_range"]), int(sa["target_range"]), float(sa["max_weight"])
-    a = round(num_examples / w * q) / q
+    a = round(weight / w * q) / q
     return int(sum((np.abs(d * a) > c).sum() for d in delta))
 
 
@@ -55,15 +61,26 @@ def query(msg: Message, context: Context) -> Message:
 
 @clientapp.train(mods=[_dropout_mod, secaggplus_mod])
 def train(msg: Message, context: Context) -> Message:
-    """The project's client update, handed to ``secaggplus_mod`` as Δ_k (sorted by name) and n_k."""
+    """The project's client update, handed to ``secaggplus_mod`` as Δ_k (sorted by name) and its
+    weight: n_k, or with DP Δ_k clipped to norm C, weight 1 and the clipped flag (module docstring)."""
     from . import client_app
     from .transport import from_record
 
     reply = client_app.train(msg, context)
     window, state = from_record(msg.content["window"]), from_record(reply.content["arrays"])
-    delta = [(state[n].double() - window[n].double()).numpy() for n in sorted(window)]
+    names = sorted(window)
+    delta = {n: state[n].double() - window[n].double() for n in names}
     metrics = dict(reply.content["metrics"])
-    n = int(metrics["num-examples"])
-    metrics["secagg-clipped"] = _clipped(delta, n, context)
-    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), n, metrics)
+    weight = int(metrics["num-examples"])
+    config = msg.content["config"]
+    flag = []
+    if "dp-clip-norm" in config:
+        from ..privacy import clip_delta
+
+        clip_norm = float(config["dp-clip-norm"])
+        delta, norm = clip_delta(delta, clip_norm)
+        weight, flag = 1, [np.array([clip_norm if norm > clip_norm else 0.0])]
+    vector = [delta[n].numpy() for n in names] + flag
+    metrics["secagg-clipped"] = _clipped(vector, weight, context)
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
