@@ -41,6 +41,8 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout=None):
+        for m in messages:               # as Flower's grid does when it pushes a message
+            m.metadata.__dict__["_message_id"] = m.object_id
         return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 

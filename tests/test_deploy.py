@@ -131,3 +131,30 @@ def test_a_killed_serverapp_restarted_resumes_bitwise(tmp_path):
     sim = run(cfg, tmp_path / "sim", progress=False)
     assert_same_state(torch.load(out / "final_state.pt", weights_only=False), load_final_state(tmp_path / "sim"))
     assert without_timing(resumed["history"]) == without_timing(sim["history"])
+
+
+class GoneNodeGrid(InProcessGrid):
+    """Node 102's round-1 train message is answered by the SuperLink, as Flower does for a node
+    that went away mid-round: an error reply whose sender is the SuperLink (node id 1)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message
+        messages = list(messages)
+        gone = [m for m in messages if m.metadata.dst_node_id == 102 and m.metadata.message_type == "train"
+                and m.content["config"]["round"] == 1]
+        replies = super().send_and_receive([m for m in messages if m not in gone], timeout)
+        for m in gone:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            reply = Message(Error(code=0, reason="node went offline"), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            replies.append(reply)
+        return replies
+
+
+def test_an_error_reply_from_the_superlink_is_the_nodes_failure(tmp_path, monkeypatch):
+    cfg = RunConfig.from_dict({**config().to_dict(), "fed": {**config().to_dict()["fed"], "clients_per_round": NODES}})
+    monkeypatch.setattr("runtime_checks.InProcessGrid", GoneNodeGrid)
+    record = run_flower_in_process(cfg, tmp_path / "flower")
+    assert [m["failed"] for m in record["history"]] == [[], [2]]
+    assert record["failures"][0]["kind"] == "error" and "node went offline" in record["failures"][0]["message"]
+    assert record["failures"][0]["node"] == 102

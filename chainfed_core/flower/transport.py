@@ -80,6 +80,16 @@ class FlowerClients:
         messages = [Message(content=c, dst_node_id=nid, message_type=kind) for nid, c in zip(node_ids, content)]
         return list(self.grid.send_and_receive(messages, timeout=timeout))
 
+    def _exchange(self, node_ids: Iterable[int], content: list[RecordDict], kind: str,
+                  timeout: float | None = None) -> list[Message | None]:
+        """One message per node; the reply to each, in the same order (None: none in time).
+        Replies are matched by the message they answer, not by their sender: an error reply
+        for a node that went away comes from the SuperLink (its ``src_node_id`` is not the node's)."""
+        messages = [Message(content=c, dst_node_id=nid, message_type=kind) for nid, c in zip(node_ids, content)]
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))   # sets each message's id
+        by_message = {m.metadata.reply_to_message_id: m for m in replies}
+        return [by_message.get(m.metadata.message_id) for m in messages]
+
     def _query(self, node_ids: list[int], task: str, state: dict | None = None) -> list[Message]:
         content = []
         for _ in node_ids:
@@ -126,12 +136,9 @@ class FlowerClients:
                                "config": self._config(**{"round": round_index, "client-id": j.client,
                                                          **plan_record(j.plan)})})
                    for j in jobs]
-        replies = self._send([self.node_of[j.client] for j in jobs], content, MessageType.TRAIN,
-                             timeout=self.config.fed.client_timeout_s or 3600)
-        client_of = {nid: c for c, nid in self.node_of.items()}
-        by_client = {client_of[m.metadata.src_node_id]: m for m in replies}
-        for j in jobs:
-            m = by_client.get(j.client)
+        replies = self._exchange([self.node_of[j.client] for j in jobs], content, MessageType.TRAIN,
+                                 timeout=self.config.fed.client_timeout_s or 3600)
+        for j, m in zip(jobs, replies):
             if m is None or m.has_error():
                 self.lost.add(j.client)
                 yield j.client, ClientTimeout("no reply in time") if m is None else RemoteError(m.error.reason)
