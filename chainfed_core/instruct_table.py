@@ -28,13 +28,15 @@ PROFILES: dict[str, dict[str, Any]] = {
               "model": "tiny-llama-L4-H32", "threads": 1, "max_length": 384, "max_train": 48, "test": 8,
               "num_clients": 4, "clients_per_round": 2, "rounds": 2, "local_steps": 2, "batch_size": 4,
               "lr": 1e-3, "eval_every": 1, "evals": {"mmlu": 8}},
-    # sized from one measured round (notebook's opening cell): about 2.1 h of a shared 2-core machine
+    # sized from one measured round (results/instruct/round_timing_smollm2.json, at 4 x 256 tokens a step):
+    # 29 rounds, so that ChainFed W = 2's window visits every position of SmolLM2's 30 layers once
     "cpu": {"help": "SmolLM2-135M (LLaMA architecture, the paper's LLaMA role) on the 999 Alpaca records (32 held "
-                    "out) over 20 clients, 2 (10%) a round, 10 local AdamW steps of 4 records cut at 256 tokens, "
-                    "4 rounds, one thread; MMLU on its 282 questions, CRASS on its 44, token F1 on 10 SQuAD-shifts "
+                    "out) over 20 clients, 2 (10%) a round, 10 local AdamW steps of 2 records cut at 192 tokens, "
+                    "29 rounds (ChainFed W = 2's window visits every layer once), one thread; held-out response "
+                    "loss every 10 rounds; MMLU on its 282 questions, CRASS on its 44, token F1 on 10 SQuAD-shifts "
                     "questions (DROP's role) after the last round.",
-            "model": "smollm2-135m", "threads": 1, "max_length": 256, "max_train": None, "test": 32, "rounds": 4,
-            "batch_size": 4, "eval_every": 4, "evals": {"mmlu": None, "crass": None, "drop": 10}, **_COMMON},
+            "model": "smollm2-135m", "threads": 1, "max_length": 192, "max_train": None, "test": 32, "rounds": 29,
+            "batch_size": 2, "eval_every": 10, "evals": {"mmlu": None, "crass": None, "drop": 10}, **_COMMON},
     "gpu-full": {"help": "The paper's step on SmolLM2-135M: batch 16 of 512 tokens, 10 local AdamW steps, 20 clients, "
                          "2 a round, 30 rounds; every benchmark question.",
                  "model": "smollm2-135m", "threads": 16, "max_length": 512, "max_train": None, "test": 64,
