@@ -15,7 +15,7 @@ from chainfed_core.checkpoint import load_final_state
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.flower import device
-from chainfed_core.flower.loopback import BIN, ROOT, Federation, children, vm_hwm
+from chainfed_core.flower.loopback import BIN, ROOT, Federation, children, free_ports, vm_hwm
 from chainfed_core.records import RECORD_FILE
 
 from test_deploy import write_partitions
@@ -85,7 +85,8 @@ def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp
     with the other nodes (after ``fed.client_timeout_s``, or at once when the SuperLink answers
     for the missing node) and records the failure, as it does each round until the node,
     started again with the same command (the same key, so the same node id), is back; then it
-    trains again. The global adapters equal the simulator's with client 2 failing in the same rounds."""
+    trains again. The global adapters equal the simulator's with client 2 failing in the same rounds.
+    Before the run, a SuperNode with a key the SuperLink never registered is refused."""
     cfg = RunConfig.from_dict({
         "method": "chainfed", "seed": 5, "model": {"name": "tiny-bert-L6"}, "adapter": {"bottleneck": 4},
         "chain": {"window": 2, "start_layer": 2},
@@ -99,6 +100,13 @@ def test_a_supernode_killed_mid_round_is_recorded_and_rejoins_when_restarted(tmp
     configs = [f"partition-id={k} num-partitions={NODES} data-path='{p}'" for k, p in enumerate(paths)]
     try:
         fed.start(configs)
+        # a SuperNode whose key the SuperLink never registered is refused and exits
+        stranger = tmp_path / "stranger"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", stranger], check=True)
+        intruder = fed.spawn("intruder", [BIN / "flower-supernode", "--root-certificates", fed.certs / "ca.crt",
+                                          "--superlink", f"127.0.0.1:{fed.link}", "--auth-supernode-private-key",
+                                          stranger, "--port", free_ports(1)[0], "--node-config", configs[0]])
+        assert intruder.wait(timeout=120) != 0 and "Failed to activate SuperNode" in fed.log("intruder")
         flwr = subprocess.Popen([BIN / "flwr", "run", ROOT / "flower_app", "federation", "--run-config",
                                  f"config-file='{tmp_path / 'cfg.json'}' overrides='' out-dir='{out}'"],
                                 env=fed.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
