@@ -118,7 +118,7 @@ def test_replaying_the_seed_scalars_rebuilds_a_clients_model_bitwise_and_upload_
     replayer.load_state(other, {POOL: pool})
     params = list(tensors_by_name(other, replayer.tuned_names(other)).values())
     used = [int(replayer.seeds[i]) for i in seed_order(seed, K, TAU)]
-    replay_walk(params, used, res.state[SCALARS].tolist(), 5e-4, 1e-3)
+    replay_walk(params, used, res.state[SCALARS].tolist(), 5e-4, replayer.options.lr)
     rebuilt = weights(other)
     assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[n], rebuilt[n]) for n in trained)
     tuned = [n for n in trained if ".layer." in n or n.startswith(("bert.pooler", "classifier"))]
@@ -145,7 +145,7 @@ def test_every_party_rebuilds_the_same_global_model_from_the_pool():
         zs = [torch.zeros_like(p) for p in tensors_by_name(a, ma.tuned_names(a)).values()]
         perturb(zs, int(ma.seeds[s]), 1.0)
         z[s] = dict(zip(ma.tuned_names(a), zs))["layers.2.output.dense.weight"]
-    expected = theta0[name] - 1e-3 * (1.0 * z[0] - 2.0 * z[9] + 0.25 * z[63])
+    expected = theta0[name] - ma.options.lr * (1.0 * z[0] - 2.0 * z[9] + 0.25 * z[63])
     torch.testing.assert_close(wa[name], expected, rtol=0, atol=1e-6)
 
 
