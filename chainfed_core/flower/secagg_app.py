@@ -66,9 +66,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from .. import privacy
 from ..server import Server
-from ..train import LocalResult
 from .server_app import serve
-from .transport import FlowerClients, RemoteError, plan_record, to_record
+from .transport import FlowerClients, RemoteError
 
 
 class SecAggHalted(RuntimeError):
@@ -163,10 +162,7 @@ class SecAggClients(FlowerClients):
             raise SecAggHalted(f"SecAggConfig.reconstruction_threshold: {sa.reconstruction_threshold} needs more "
                                f"than {m} nodes in round {round_index}")
         dp = {"dp-clip-norm": float(self.config.dp.clip_norm)} if self.config.dp.enabled else {}
-        contents = {self.node_of[j.client]: RecordDict({
-            "window": to_record(j.window), "context": to_record(self._context(j, global_state)),
-            "config": self._config(**{"round": round_index, "client-id": j.client, **plan_record(j.plan), **dp})})
-            for j in jobs}
+        contents = {self.node_of[j.client]: self.train_content(round_index, j, global_state, **dp) for j in jobs}
         strategy = _RoundStrategy(list(contents))
         state = RecordDict({"config": ConfigRecord({"current_round": round_index + 1}), "parameters": ArrayRecord()})
         nodes = SimpleClientManager()
@@ -190,15 +186,9 @@ class SecAggClients(FlowerClients):
                        f"{self.config.secagg.reconstruction_threshold} nodes left to unmask it")
                 yield j.client, RemoteError(why)
                 continue
-            self.lost.discard(j.client)
-            res = strategy.replies[self.node_of[j.client]]
             mean = {n: (j.window[n].double() + torch.from_numpy(np.asarray(a, dtype=np.float64))).to(j.window[n].dtype)
                     for n, a in zip(names, strategy.aggregate[:len(names)])}    # with DP, then the clipped flags
-            metrics = res.metrics
-            if "peak-rss" in metrics:
-                self.peak_rss[j.client] = max(self.peak_rss.get(j.client, 0), int(metrics["peak-rss"]))
-            yield j.client, LocalResult(mean, int(metrics["num-examples"]), int(metrics["steps"]),
-                                        float(metrics["loss"]), float(metrics["accuracy"]), float(metrics["seconds"]))
+            yield j.client, self.result(j.client, mean, strategy.replies[self.node_of[j.client]].metrics)
 
     def _note(self, round_index: int, jobs, strategy: _RoundStrategy, done: set[int]) -> None:
         sa, dp, c = self.config.secagg, self.config.dp, privacy.secagg_clipping_range(self.config)

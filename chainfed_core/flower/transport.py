@@ -77,8 +77,7 @@ class FlowerClients:
 
     def _send(self, node_ids: Iterable[int], content: list[RecordDict], kind: str,
               timeout: float | None = None) -> list[Message]:
-        messages = [Message(content=c, dst_node_id=nid, message_type=kind) for nid, c in zip(node_ids, content)]
-        return list(self.grid.send_and_receive(messages, timeout=timeout))
+        return [r for r in self._exchange(node_ids, content, kind, timeout) if r is not None]
 
     def _exchange(self, node_ids: Iterable[int], content: list[RecordDict], kind: str,
                   timeout: float | None = None) -> list[Message | None]:
@@ -131,11 +130,22 @@ class FlowerClients:
             return job.context
         return {n: t for n, t in state.items() if n not in job.window}
 
+    def train_content(self, round_index: int, job: Job, state: dict, **config) -> RecordDict:
+        """A TRAIN message's content: the job's window, its context and plan (and ``config``)."""
+        return RecordDict({"window": to_record(job.window), "context": to_record(self._context(job, state)),
+                           "config": self._config(**{"round": round_index, "client-id": job.client,
+                                                     **plan_record(job.plan), **config})})
+
+    def result(self, client: int, tensors: dict[str, torch.Tensor], metrics) -> LocalResult:
+        """A node's TRAIN reply as the round takes it (its ClientApp's peak RSS kept; no longer lost)."""
+        self.lost.discard(client)
+        if "peak-rss" in metrics:
+            self.peak_rss[client] = max(self.peak_rss.get(client, 0), int(metrics["peak-rss"]))
+        return LocalResult(tensors, int(metrics["num-examples"]), int(metrics["steps"]), float(metrics["loss"]),
+                           float(metrics["accuracy"]), float(metrics["seconds"]))
+
     def train(self, round_index: int, jobs: list[Job], state: dict):
-        content = [RecordDict({"window": to_record(j.window), "context": to_record(self._context(j, state)),
-                               "config": self._config(**{"round": round_index, "client-id": j.client,
-                                                         **plan_record(j.plan)})})
-                   for j in jobs]
+        content = [self.train_content(round_index, j, state) for j in jobs]
         replies = self._exchange([self.node_of[j.client] for j in jobs], content, MessageType.TRAIN,
                                  timeout=self.config.fed.client_timeout_s or 3600)
         for j, m in zip(jobs, replies):
@@ -143,10 +153,4 @@ class FlowerClients:
                 self.lost.add(j.client)
                 yield j.client, ClientTimeout("no reply in time") if m is None else RemoteError(m.error.reason)
             else:
-                self.lost.discard(j.client)
-                metrics = m.content["metrics"]
-                if "peak-rss" in metrics:
-                    self.peak_rss[j.client] = max(self.peak_rss.get(j.client, 0), int(metrics["peak-rss"]))
-                yield j.client, LocalResult(from_record(m.content["arrays"]), int(metrics["num-examples"]),
-                                            int(metrics["steps"]), float(metrics["loss"]),
-                                            float(metrics["accuracy"]), float(metrics["seconds"]))
+                yield j.client, self.result(j.client, from_record(m.content["arrays"]), m.content["metrics"])
