@@ -51,19 +51,11 @@ def test_streamed_chainfed_on_a_tls_federation_stays_in_budget_and_equals_the_si
     try:
         fed.start([f"partition-id={k} num-partitions={NODES} data-path='{p}' layer-store='{tmp_path / 'store'}' "
                    f"memory-gb={BUDGET_GB} cache-dir='{tmp_path / f'cache{k}'}'" for k, p in enumerate(paths)])
-        done = fed.flwr("run", ROOT / "flower_app", "federation", "--stream", "--run-config",
-                        f"config-file='{tmp_path / 'cfg.json'}' overrides='' out-dir='{out}'", timeout=900)
-        deadline = time.time() + 300
-        while done.returncode == 0 and not (out / RECORD_FILE).exists() and time.time() < deadline:
-            time.sleep(1)
-        if not (out / RECORD_FILE).exists():
-            print(done.stdout[-4000:], done.stderr[-2000:], fed.log("superlink")[-3000:], fed.log("supernode0")[-4000:],
-                  sep="\n----\n")
-        assert (out / RECORD_FILE).exists()
+        record = fed.run_app(ROOT / "flower_app", tmp_path / "cfg.json", out, timeout=900,
+                             logs=("superlink", "supernode0"))
         supernode_hwm = [vm_hwm(fed.procs[f"supernode{k}"].pid) for k in range(NODES)]
     finally:
         fed.stop()
-    record = json.loads((out / RECORD_FILE).read_text())
     clientapp_hwm = {int(c): v for c, v in record["client_peak_rss"].items()}
     flower = torch.load(out / "final_state.pt", weights_only=False)
     run(cfg, tmp_path / "sim", progress=False)

@@ -246,19 +246,11 @@ def test_secagg_on_loopback_supernodes_with_a_drop_out_equals_fedavg_of_the_rest
     try:
         fed.start([f"partition-id={k} num-partitions={NODES}" + (" secagg-drop-after='share-keys'" if k == 2 else "")
                    for k in range(NODES)])
-        done = fed.flwr("run", ROOT / "flower_app" / "secagg", "federation", "--stream", "--run-config",
-                        f"config-file='{tmp_path / 'cfg.json'}' overrides='' out-dir='{out}'", timeout=600)
-        deadline = time.time() + 300
-        while done.returncode == 0 and not (out / RECORD_FILE).exists() and time.time() < deadline:
-            time.sleep(1)
-        if not (out / RECORD_FILE).exists():
-            print(done.stdout[-4000:], done.stderr[-2000:], fed.log("superlink")[-4000:], fed.log("supernode2")[-3000:],
-                  sep="\n----\n")
-        assert (out / RECORD_FILE).exists()
+        record = fed.run_app(ROOT / "flower_app" / "secagg", tmp_path / "cfg.json", out, timeout=600,
+                             logs=("superlink", "supernode2"))
     finally:
         fed.stop()
     took = time.time() - started
-    record = json.loads((out / RECORD_FILE).read_text())
     (note,) = record["secagg"]
     assert note["dropped"] == [2] and note["completed"] == [0, 1, 3] and note["clipped"] == 0
     assert "drops out after sharing its keys" in fed.log("supernode2")

@@ -10,6 +10,7 @@ message a SuperNode receives runs in a fresh ``ClientApp`` process, a child of t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -108,6 +109,24 @@ class Federation:
             self.spawn(f"supernode{k}", [BIN / "flower-supernode", "--root-certificates", c / "ca.crt",
                                          "--superlink", f"127.0.0.1:{self.link}", "--auth-supernode-private-key",
                                          c / f"supernode_{k}", "--port", self.node_ports[k], "--node-config", nc])
+
+    def run_app(self, app: Path, config_file: Path, out: Path, *, timeout: float, record_wait_s: float = 300,
+                logs: tuple[str, ...] = ("superlink",)) -> dict:
+        """``flwr run`` the Flower app at ``app`` on this federation (the RunConfig at
+        ``config_file``, records to ``out``) and return the record it writes; a ``RuntimeError``
+        with the output and the ends of ``logs`` if no record comes within ``record_wait_s``."""
+        from ..records import RECORD_FILE
+
+        done = self.flwr("run", app, "federation", "--stream", "--run-config",
+                         f"config-file='{config_file}' overrides='' out-dir='{out}'", timeout=timeout)
+        deadline = time.time() + record_wait_s
+        while done.returncode == 0 and not (out / RECORD_FILE).exists() and time.time() < deadline:
+            time.sleep(1)
+        if not (out / RECORD_FILE).exists():
+            tails = "\n----\n".join(self.log(name)[-3000:] for name in logs)
+            raise RuntimeError(f"flwr run {app}: no {RECORD_FILE} in {out}\n{done.stdout[-4000:]}\n----\n"
+                               f"{done.stderr[-2000:]}\n----\n{tails}")
+        return json.loads((out / RECORD_FILE).read_text())
 
     def log(self, name: str) -> str:
         return (self.folder / "logs" / f"{name}.log").read_text()
