@@ -1,5 +1,6 @@
-"""Federated instruction tuning (the paper's Table 3): Alpaca records -> a causal-LM Task, the
-benchmarks scored after the last round, and the profiles and configs of Table 3's notebook.
+"""Federated instruction tuning (the paper's Table 3): Alpaca records -> a causal-LM Task and the
+benchmarks scored after the last round (the profiles and configs of Table 3's notebook:
+:mod:`chainfed_core.instruct_table`).
 
 ``data.dataset = "alpaca"`` (or ``"alpaca-en-demo"``, the asset's name) makes
 :func:`chainfed_core.task.build_task` call :func:`build_instruct_task`:
