@@ -19,6 +19,7 @@ Record: ``results/benchmarks/eligibility.json`` (read by the claims page).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -60,6 +61,8 @@ def measured_peak(run: ex.Run, backbone, server: Server, folder: Path) -> int:
                             bottleneck=cfg.adapter.bottleneck, streamed=True, cached=True,
                             folder=folder / cfg.model.name).peak_bytes
     method = server.method
+    if cfg.method == "fedkseed":        # a device regenerates z per update (the estimate's path); the simulator holds it
+        method.options = dataclasses.replace(method.options, hold_noise=False)
     data = random_token_dataset(2 * batch, seq, backbone.config.vocab_size, getattr(backbone.config, "num_labels", 2))
     with MemoryMeter(backbone) as meter:
         method.client_update(backbone, data, method.widest_plan(), seed=0)

@@ -13,7 +13,8 @@ from chainfed_core.federated import run
 from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
 from chainfed_core.methods.fedkseed import (POOL, PROBABILITIES, SCALARS, FedKSeedOptions, candidate_seeds,
-                                            perturb, replay_walk, seed_order, seed_probabilities)
+                                            noise, perturb, replay_walk, seed_order,
+                                            seed_probabilities, zo_step)
 from chainfed_core.seeding import client_seed
 from chainfed_core.task import build_task
 from chainfed_core.tiny import tiny_backbone, tiny_dataset
@@ -98,6 +99,22 @@ def test_perturbations_regenerate_the_same_z_per_seed():
     assert all(torch.equal(2 * x, y) for x, y in zip(a, b))
     gen = torch.Generator().manual_seed(11)
     assert torch.equal(a[0], torch.randn(3, 4, generator=gen)) and torch.equal(a[1], torch.randn(5, generator=gen))
+
+
+def test_a_step_holding_z_is_bitwise_the_step_regenerating_it():
+    """zo_step draws z once for its four updates; regenerating z for each (the original's way,
+    perturb without z) gives the same parameters bit for bit."""
+    torch.manual_seed(0)
+    start = [torch.randn(30, 7), torch.randn(50)]
+    held, regenerated = [t.clone() for t in start], [t.clone() for t in start]
+    g, _ = zo_step(held, 5, 1e-2, 1e-3, loss=lambda: float(held[0].sum() + held[1].pow(2).sum()))
+    lean = [t.clone() for t in start]
+    g_lean, _ = zo_step(lean, 5, 1e-2, 1e-3, loss=lambda: float(lean[0].sum() + lean[1].pow(2).sum()), hold=False)
+    for scale in (1e-2, -2e-2, 1e-2, -1e-3 * g):
+        perturb(regenerated, 5, scale)
+    assert g != 0 and g == g_lean
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(held, regenerated, lean))
+    assert all(torch.equal(a, b) for a, b in zip(noise(start, 5), noise(start, 5)))
 
 
 # ---------------------------------------------------------------- the replay, bit for bit
@@ -200,8 +217,8 @@ def test_memory_estimate_within_ten_percent_of_the_meter(family):
     L, B, T = 6, 8, 32
     bb = tiny_backbone(family, num_layers=L, hidden=64)
     data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
-    cfg = RunConfig.from_dict({"method": "fedkseed", "method_options": {"num_seeds": 16, "local_steps": 2},
-                               "train": {"batch_size": B}})
+    cfg = RunConfig.from_dict({"method": "fedkseed", "train": {"batch_size": B},        # a device's lean path
+                               "method_options": {"num_seeds": 16, "local_steps": 2, "hold_noise": False}})
     method = get_method("fedkseed")(cfg, L, family)
     method.initial_state(bb)
     method.load_state(bb, {POOL: torch.zeros(16)})                    # the rebuild's copies: outside the step

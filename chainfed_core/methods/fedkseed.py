@@ -46,7 +46,10 @@ gains come from the layers.
 
 Memory (:meth:`FedKSeed.peak_bytes`): inference only: the weights, one forward's
 activations or one tensor's transient z, whichever is larger; no gradients, no optimizer
-state. In simulation a party also keeps θ0 and the last rebuilt θ in memory (restoring
+state: a device's memory-lean path, z regenerated for each of a step's four updates
+(``hold_noise=False``). The simulator holds a step's z instead (``hold_noise``, the default):
+the same numbers bitwise, a quarter of the Gaussian draws that are most of a CPU step's time,
+|θ| floats more than the estimate. In simulation a party also keeps θ0 and the last rebuilt θ in memory (restoring
 between clients is then a copy); a device would reload θ0 from its weights file.
 """
 
@@ -83,6 +86,9 @@ class FedKSeedOptions(Config):
     grad_clip: float = option("Pro: |g| is clipped at this before it enters a seed's history (bias_loss_clip).",
                               1000.0, gt=0)
     equal_weight: bool = option("Average clients' scalars with equal weights (default: by examples).", False)
+    hold_noise: bool = option("Hold a step's z for its four updates (4x fewer Gaussian draws, |θ| floats more); "
+                              "False: regenerate it for each, the device's memory-lean path the estimate "
+                              "describes. Bitwise the same results.", True, added="2026-12")
 
     def _check(self) -> None:
         if self.local_steps > self.num_seeds:
@@ -118,42 +124,59 @@ def seed_probabilities(abs_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the model as a function of seeds
-def perturb(params: Sequence["torch.Tensor"], seed: int, scale: float) -> None:
-    """θ ← θ + scale · z(seed), z regenerated tensor by tensor in order (one transient z at a time)."""
+def noise(params: Sequence["torch.Tensor"], seed: int) -> list["torch.Tensor"]:
+    """z(seed): one N(0, I) tensor per tuned tensor, drawn in order from one generator seeded with ``seed``."""
     import torch
 
     gen = torch.Generator(device=params[0].device).manual_seed(int(seed))
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
+
+
+def perturb(params: Sequence["torch.Tensor"], seed: int, scale: float,
+            z: Sequence["torch.Tensor"] | None = None) -> None:
+    """θ ← θ + scale · z(seed); without ``z`` it is regenerated tensor by tensor in order (one
+    transient tensor at a time), the same numbers as :func:`noise`."""
+    import torch
+
+    gen = None if z is not None else torch.Generator(device=params[0].device).manual_seed(int(seed))
     with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device), alpha=scale)
+        for i, p in enumerate(params):
+            step = z[i] if z is not None else torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+            p.add_(step, alpha=scale)
 
 
 def zo_step(params: Sequence["torch.Tensor"], seed: int, eps: float, lr: float,
-            loss: Callable[[], float] | None = None, g: float | None = None) -> tuple[float, float]:
+            loss: Callable[[], float] | None = None, g: float | None = None,
+            hold: bool = True) -> tuple[float, float]:
     """One zeroth-order step on ``seed``: probe θ+εz and θ−εz, return to θ, then θ ← θ − η g z.
 
     With ``loss`` (the loss at the current parameters) g = (L+ − L−) / 2ε is measured and
     rounded to float32, the precision it is uploaded in; with ``g`` given (a replay) the same
     operations run without a loss. Returns (g, mean of L+ and L−; nan in a replay). A
-    non-finite g becomes 0 (the step is skipped)."""
-    perturb(params, seed, eps)
+    non-finite g becomes 0 (the step is skipped).
+
+    ``hold``: z is drawn once and held for the step's four updates (|θ| floats more, a quarter
+    of the Gaussian draws); else regenerated for each, as the original does. The numbers, and
+    so every result, are bitwise the same either way."""
+    z = noise(params, seed) if hold else None
+    perturb(params, seed, eps, z)
     plus = loss() if loss is not None else math.nan
-    perturb(params, seed, -2 * eps)
+    perturb(params, seed, -2 * eps, z)
     minus = loss() if loss is not None else math.nan
-    perturb(params, seed, eps)
+    perturb(params, seed, eps, z)
     if g is None:
         g = float(np.float32((plus - minus) / (2 * eps)))
         g = g if math.isfinite(g) else 0.0
-    perturb(params, seed, -lr * g)
+    perturb(params, seed, -lr * g, z)
     return g, (plus + minus) / 2
 
 
 def replay_walk(params: Sequence["torch.Tensor"], seeds: Sequence[int], scalars: Sequence[float],
-                eps: float, lr: float) -> None:
+                eps: float, lr: float, hold: bool = True) -> None:
     """A client's local walk from its starting θ, from its uploaded (seed, scalar) pairs in
     the order it used them: bitwise the model it trained (:func:`zo_step` without a loss)."""
     for seed, g in zip(seeds, scalars):
-        zo_step(params, seed, eps, lr, g=float(g))
+        zo_step(params, seed, eps, lr, g=float(g), hold=hold)
 
 
 def rebuild(params: Sequence["torch.Tensor"], initial: Sequence["torch.Tensor"], seeds: np.ndarray,
@@ -266,7 +289,7 @@ class FedKSeed(Method):
                         value, out = backbone.head_loss(hidden, batch, ctx)
                         logits.append(out)
                         return float(value)
-                    g, mean_loss = zo_step(params, int(self.seeds[index]), o.eps, o.lr, loss)
+                    g, mean_loss = zo_step(params, int(self.seeds[index]), o.eps, o.lr, loss, hold=o.hold_noise)
                     scalars.append(g)
                     losses.append(mean_loss)
                     if not backbone.is_causal_lm:
