@@ -64,6 +64,14 @@ def _model(name: str, archive: Archive, member: str, description: str, build: st
 _BIGBENCH = Archive("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
                     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", source=True)
 _BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
+# The BIG-bench json tasks that BBH's multiple-choice tasks are built from (BBH's list, and the
+# tasks it leaves out: chainfed_core.bbh). One asset each ("bbh-<folder>"): every folder holds a
+# task.json, and an asset's folder members keep only the layout below them.
+BBH_SOURCES = ("causal_judgment", "date_understanding", "disambiguation_qa", "formal_fallacies_syllogisms_negation",
+               "geometric_shapes", "hyperbaton", "logical_deduction", "movie_recommendation", "navigate",
+               "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names",
+               "salient_translation_error_detection", "snarks", "sports_understanding", "temporal_sequences",
+               "tracking_shuffled_objects")
 
 ASSETS: dict[str, Asset] = {
     a.name: a
@@ -131,5 +139,8 @@ ASSETS: dict[str, Asset] = {
               members=(f"{_BIGBENCH_TASKS}/squad_shifts/",), heavy=True,
               description="BIG-bench squad_shifts: SQuAD v1.1 dev and its four shifted sets, token F1 "
                           "(DROP role; 342 MB download)"),
+        *(Asset(name=f"bbh-{task}", kind="data", archives=(_BIGBENCH,), members=(f"{_BIGBENCH_TASKS}/{task}/",),
+                heavy=True, description=f"BIG-bench {task}: a source task of BBH (342 MB download)")
+          for task in BBH_SOURCES),
     )
 }
