@@ -5,9 +5,10 @@
   user's own MMLU file in the ``cais/mmlu`` columns (:func:`load_mmlu_records`). Prompt:
   lm-eval's default zero-shot MMLU prompt (:func:`mmlu_prompt`), choices scored as `` A``,
   `` B``, ...
-- **CRASS** (asset ``crass``, BIG-bench ``crass_ai``): :func:`load_bigbench_mc`, prompt in
-  BIG-bench's format with the choices appended (:func:`bigbench_prompt`), each choice's
-  text scored.
+- **CRASS** (asset ``crass``, BIG-bench ``crass_ai``) and **BBH**'s BIG-bench source tasks
+  (:mod:`chainfed_core.bbh`): :func:`load_bigbench_mc` (a task's ``task_prefix`` opens each
+  question), prompt in BIG-bench's format with the choices appended (:func:`bigbench_prompt`),
+  each choice's text scored.
 - **Reading comprehension F1** (asset ``squad-shifts``, in DROP's role): SQuAD-format
   JSON (:func:`load_squad`), generation prompt :func:`squad_prompt`.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"      # at most 26 choices (BBH's colored objects have 18)
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,10 @@ def mmlu_prompt(q: MCQuestion) -> tuple[str, list[str]]:
 
 def load_bigbench_mc(path: str | Path) -> EvalSet:
     """A BIG-bench multiple-choice ``task.json`` (``examples``: ``input``, ``target_scores``);
-    the answer is the one choice scored 1."""
+    the answer is the one choice scored 1 (an example whose ``target`` is not among its choices
+    is skipped). The task's ``task_prefix`` (e.g. penguins_in_a_table's table) opens each question."""
     task = json.loads(Path(path).read_text(encoding="utf-8"))
-    name = task.get("name", Path(path).parent.name)
+    name, prefix = task.get("name", Path(path).parent.name), task.get("task_prefix", "")
     out = EvalSet()
     for j, ex in enumerate(task.get("examples", [])):
         qid = f"{name}/{j}"
@@ -143,8 +145,12 @@ def load_bigbench_mc(path: str | Path) -> EvalSet:
         if "input" not in ex:
             out.skipped.append(f"{qid}: no 'input'")
             continue
+        targets = [ex["target"]] if isinstance(ex.get("target"), str) else list(ex.get("target") or [])
+        if targets and targets[0] not in scores:
+            out.skipped.append(f"{qid}: answer {targets[0]!r} is outside its choices {list(scores)}")
+            continue
         try:
-            out.items.append(MCQuestion(qid, name, ex["input"], tuple(scores), best[0]))
+            out.items.append(MCQuestion(qid, name, prefix + ex["input"], tuple(scores), best[0]))
         except ValueError as err:
             out.skipped.append(str(err))
     return out

@@ -17,7 +17,8 @@ benchmarks scored after the last round (the profiles and configs of Table 3's no
 - **evaluation**: every ``fed.eval_every`` rounds the response-token loss (and perplexity) on
   the held-out records; after the last round :func:`final_evaluation`, into the record's
   ``final_eval``: MMLU (lm-eval's zero-shot prompt, the choice letters' log-likelihoods),
-  CRASS (BIG-bench's format) and token F1 of greedy answers on SQuAD-shifts (the DROP role),
+  BBH (its BIG-bench source tasks, multiple choice: :mod:`chainfed_core.bbh`), CRASS (BIG-bench's
+  format) and token F1 of greedy answers on SQuAD-shifts (the DROP role),
   each on as many questions as the task's ``evals`` asks (:data:`DEFAULT_EVALS`: all MMLU).
 
 ChainFed trains its window's adapters with GPO's global branch through the later adapters and
@@ -35,10 +36,11 @@ from typing import Any
 import torch
 
 from . import instruct
+from .bbh import score_bbh
 from .config import RunConfig
 
 ALPACA = {"alpaca": "alpaca-en-demo", "alpaca-en-demo": "alpaca-en-demo"}     # data.dataset -> asset
-SUITES = ("mmlu", "crass", "drop")
+SUITES = ("mmlu", "bbh", "crass", "drop")
 DEFAULT_EVALS: dict[str, int | None] = {"mmlu": None}       # questions per suite; None: all of them
 DROP_FILE = "new_wiki_v1.0.json"       # the squad-shifts set scored in DROP's role (Wikipedia, like DROP)
 TINY_POSITIONS = 4096                  # the tiny decoders' rotary range: MMLU prompts fit
@@ -231,7 +233,7 @@ def score_drop(backbone, tokenizer, limit: int | None, max_new_tokens: int = 24)
             "predictions": [[q["id"], a] for q, a in zip(data.items, answers)]}
 
 
-SCORERS = {"mmlu": score_mmlu, "crass": score_crass, "drop": score_drop}
+SCORERS = {"mmlu": score_mmlu, "bbh": score_bbh, "crass": score_crass, "drop": score_drop}
 
 
 @torch.no_grad()

@@ -151,7 +151,7 @@ def test_the_benchmarks_after_the_last_round_go_into_the_record(tmp_path, monkey
     assert seen == [(True, 3)]
     assert record["final_eval"]["evals"] == {"mmlu": 3} and record["final_eval"]["mmlu"]["n"] == 3
     with pytest.raises(ValueError, match="unknown suite"):
-        instruct_runs.final_evaluation(None, tokenizer=None, evals={"bbh": 1})
+        instruct_runs.final_evaluation(None, tokenizer=None, evals={"hellaswag": 1})
 
 
 def test_spread_takes_every_part_of_a_list():
@@ -186,6 +186,10 @@ def test_table3_configs_rows_memory_and_the_claim():
                         ).set_index("variant")
     assert rows.loc["Full Adapters", "average"] == pytest.approx(40.0) and rows.loc["Full Adapters", "eval_s"] == 5.0
     assert math.isnan(rows.loc["Full Adapters", "BBH"]) and math.isnan(rows.loc["Full Adapters", "DROP"])
+    with_bbh = it.row_of("No-FT", {**record, "final_eval": {"bbh": {"task_average": 0.25, "micro_accuracy": 0.3}}})
+    assert with_bbh["BBH"] == 25.0 and with_bbh["average"] == 25.0 and with_bbh["suites"] == 1
+    assert set(it.not_run("quick")) == {"BBH", "DROP", "CRASS"} and it.not_run("cpu") == {}
+    assert it.PROFILES["cpu"]["evals"]["bbh"] == it.BBH_CPU
     memory = it.memory_reductions("quick")            # a tiny model: the LLaMA shapes only
     assert set(memory["W"]) == {2, 3, 4} and not memory["model"].str.contains("ours").any()
     assert (memory["reduction (streamed)"] > memory["reduction (resident)"]).all()
