@@ -1,16 +1,14 @@
 """Figure 10 (ChainFed's GPO weight λ and FOAT threshold τ on the decoder) and Appendix F.2
 (ChainFed vs Full Adapters on MMLU on each decoder): the profiles, every config derived from
 Table 3's (:func:`chainfed_core.instruct_table.run_config`), the records (reused, run, or
-"not run" with the reason) and their rows.
+"not run" with the reason) and their rows; the notebooks ``fig10_llm_sensitivity`` and
+``appF2_generalization`` only call these.
 
-Every config here is Table 3's at the profile with a few fields changed, so runs share the
-record machinery (:func:`chainfed_core.experiments.ensure_run`) and the root
-``results/runs/<table 3 profile>``: the λ = 0.2 / τ = 0.8 point of the sweeps and F.2's
-SmolLM2-135M rows *are* Table 3's records (same config, same hash), read back, not rerun.
-Runs made here score MMLU alone (:data:`PROFILES`' ``evals``); a record that scored more
-(Table 3's) is reused as long as it scored MMLU on the same questions.
-
-The notebooks ``fig10_llm_sensitivity.ipynb`` and ``appF2_generalization.ipynb`` only call these.
+Every config is Table 3's at the profile with a few fields changed, so runs share the record
+machinery (:func:`chainfed_core.experiments.ensure_run`) and root ``results/runs/<table 3
+profile>``: the λ = 0.2 / τ = 0.8 point and F.2's SmolLM2-135M rows *are* Table 3's records
+(same config, same hash). Runs made here score MMLU alone; a record that scored more (Table
+3's) is reused if it scored MMLU on the same questions.
 """
 
 from __future__ import annotations
@@ -44,13 +42,12 @@ PROFILES: dict[str, dict[str, Any]] = {
               "table3": "quick", "evals": {"mmlu": 8}, "seeds": (0,), "lambda": (0.0, 0.2, 1.0),
               "tau": (0.6, 0.8, 1.0), "decoders": _TINY},
     # sized from chainfed_core.instruct_cost's measured step ratios and Table 3's cpu records (README of each notebook)
-    "cpu": {"help": "Table 3's cpu runs (SmolLM2-135M, 20 clients, 2 a round, 10 local AdamW steps of 2 x 192 tokens, "
-                    "29 rounds, one thread), MMLU on its 282 questions. Figure 10: λ in {0, 0.2, 0.5, 1.0} and τ in "
-                    "{0.6, 0.7, 0.8, 1.0} (0.1 and 0.9 left to gpu-full), six new runs of about 20 min: about 2.0 h. "
-                    "F.2: SmolLM2 is Table 3's Full Adapters and ChainFed W = 2; Gemma 3 270M (17 rounds) and "
-                    "Qwen2.5-Coder-0.5B (23 rounds: ChainFed W = 2's window visits each layer once) at 3 local "
-                    "steps, their step measured at 2.5x / 6.5x (Gemma 3: Full Adapters / ChainFed, whose GPO reads "
-                    "the 262k-token head twice) and 3.4x / 4.3x (Qwen) SmolLM2's: about 1.9 h.",
+    "cpu": {"help": "Table 3's cpu runs (SmolLM2-135M, 20 clients, 2 a round, 29 rounds of 10 local AdamW steps of "
+                    "2 x 192 tokens, one thread), MMLU's 282 questions. Figure 10: λ {0, 0.2, 0.5, 1.0}, τ {0.6, 0.7, "
+                    "0.8, 1.0}, six new runs of about 20 min: about 2.0 h on one core. F.2: SmolLM2 is Table 3's runs; "
+                    "Gemma 3 270M 17 rounds, Qwen2.5-Coder-0.5B 23 (W = 2's window visits each layer once) of 3 local "
+                    "steps, a step measured at 2.5x / 6.5x (Full Adapters / ChainFed) and 3.4x / 4.3x SmolLM2's: "
+                    "about 1.9 h on one core.",
             "table3": "cpu", "evals": {"mmlu": None}, "seeds": (0,), "lambda": (0.0, 0.2, 0.5, 1.0),
             "tau": (0.6, 0.7, 0.8, 1.0),
             "decoders": {"smollm2-135m": {}, "gemma3-270m": {"rounds": 17, "local_steps": 3},
@@ -80,22 +77,16 @@ def check_values(sweep: str, values) -> tuple[float, ...]:
     """The sweep's values as floats, or a ValueError naming the field: λ in [0, 1], τ in (0, 1]."""
     if sweep not in SWEEPS:
         raise ValueError(f"sweep: {sweep!r} is not one of {list(SWEEPS)}")
-    field = f"ChainConfig.{SWEEPS[sweep]}"
+    where, allowed = f"{sweep} sweep (ChainConfig.{SWEEPS[sweep]})", "[0, 1]" if sweep == "lambda" else "(0, 1]"
     values = list(values) if values is not None else []
-    if not values:
-        raise ValueError(f"{sweep} sweep ({field}): no values")
-    out = []
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{where}: {values} must be distinct values, at least one")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            raise ValueError(f"{sweep} sweep ({field}): {v!r} is not a number")
-        low_ok = v >= 0 if sweep == "lambda" else v > 0
-        if not (low_ok and v <= 1):
-            allowed = "[0, 1]" if sweep == "lambda" else "(0, 1]"
-            raise ValueError(f"{sweep} sweep ({field}): {v} is outside {allowed}")
-        out.append(float(v))
-    if len(set(out)) != len(out):
-        raise ValueError(f"{sweep} sweep ({field}): repeated values in {out}")
-    return tuple(out)
+            raise ValueError(f"{where}: {v!r} is not a number")
+        if not ((v >= 0 if sweep == "lambda" else v > 0) and v <= 1):
+            raise ValueError(f"{where}: {v} is outside {allowed}")
+    return tuple(float(v) for v in values)
 
 
 def derived(config: RunConfig, **sections: dict) -> RunConfig:
@@ -160,9 +151,9 @@ def outcome(config: RunConfig, root: str | Path, evals: dict, *, run_missing: bo
     path = Path(root) / config_hash(config) / RECORD_FILE
     if not path.exists() and not run_missing:
         return {"status": NOT_RUN, "reason": "no record (run_missing=False)", "record": None}
-    if path.exists() and not scored(json.loads(path.read_text()), evals):
-        raise ValueError(f"{path} scored {json.loads(path.read_text()).get('final_eval', {}).get('evals')}, this "
-                         f"profile asks for {evals}; remove its folder to rerun it")
+    if path.exists() and not scored(found := json.loads(path.read_text()), evals):
+        raise ValueError(f"{path} scored {found.get('final_eval', {}).get('evals')}, this profile asks for "
+                         f"{evals}; remove its folder to rerun it")
     runner = lambda cfg, folder, progress: run(cfg, folder, progress=progress,  # noqa: E731
                                                task=build_instruct_task(cfg, evals))
     try:
@@ -221,8 +212,7 @@ def start_layers(record: dict | None, taus) -> dict[float, int | None]:
 
 def mean_over_seeds(frame, key: str, columns=("MMLU", "MMLU micro", "held-out loss")):
     """Mean, standard deviation and count over seeds of each column, by ``key`` (runs with a record)."""
-    done = frame[frame["status"] == "done"]
-    return done.groupby(key)[list(columns)].agg(["mean", "std", "count"])
+    return frame[frame["status"] == "done"].groupby(key)[list(columns)].agg(["mean", "std", "count"])
 
 
 def best(frame, key: str, column: str, lowest: bool = False):
