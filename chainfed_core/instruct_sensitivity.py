@@ -246,13 +246,9 @@ def fig10_shape(lam, tau) -> "Any":
 def f2_runs(profile_name: str, decoders=None) -> list[tuple[dict, RunConfig]]:
     """(labels, config) of Full Adapters and ChainFed W = 2 on each decoder, per seed."""
     p = profile(profile_name)
-    out = []
-    for d in (decoders or p["decoders"]):
-        for v in F2_VARIANTS:
-            for s in p["seeds"]:
-                cfg = decoder_config(profile_name, d, v, s)
-                out.append(({"decoder": d, "model": cfg.model.name, "variant": v, "seed": s}, cfg))
-    return out
+    configs = [(d, v, s, decoder_config(profile_name, d, v, s)) for d in (decoders or p["decoders"])
+               for v in F2_VARIANTS for s in p["seeds"]]
+    return [({"decoder": d, "model": cfg.model.name, "variant": v, "seed": s}, cfg) for d, v, s, cfg in configs]
 
 
 def f2_table(frame):
@@ -363,7 +359,11 @@ def plot_sweep(ax, frame, key: str, column: str, *, min_span: float, xlabel: str
         ax.set_ylim(*axis_limits(stats["mean"], min_span, bounds))
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
-    missing = sorted(frame.loc[frame["status"] != "done", key].unique()) if len(frame) else []
+    swept, missing = sorted(frame[key].unique()), sorted(frame.loc[frame["status"] != "done", key].unique())
+    if swept:     # the whole sweep on the x axis, the points run or not
+        pad = 0.05 * max(swept[-1] - swept[0], 0.1)
+        ax.set_xticks(swept, [f"{v:g}" for v in swept])
+        ax.set_xlim(swept[0] - pad, swept[-1] + pad)
     ax.set(xlabel=xlabel + (f"\n{NOT_RUN}: {', '.join(f'{v:g}' for v in missing)}" if missing else ""))
 
 
