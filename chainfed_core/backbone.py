@@ -93,6 +93,17 @@ class Backbone:
 
     # ------------------------------------------------------------------ structure
     @property
+    def device(self) -> torch.device:
+        """Where the model computes: the device of its first parameter not on ``meta`` (a
+        streamed backbone's layers stay on ``meta`` until they are read in); CPU if none is."""
+        return next((p.device for p in self.model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        """Move the model (layers, adapters, heads, a method's modules) to ``device``; returns self."""
+        self.model.to(device)
+        return self
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
@@ -223,6 +234,28 @@ class Backbone:
         hidden, ctx = self.embed(batch)
         hidden = self.run_layers(range(self.num_layers), hidden, ctx)
         return self.logits(hidden, ctx)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``TrainConfig.device``: 'cpu', 'cuda' (an error where torch sees no CUDA
+    device, before any training), or 'auto' (CUDA where there is one, else the CPU)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name not in ("cuda", "auto"):
+        raise ValueError(f"TrainConfig.device: {name!r} is not one of ['cpu', 'cuda', 'auto']")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "cuda":
+        raise ValueError("TrainConfig.device: 'cuda', but torch sees no CUDA device here "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use 'auto' or 'cpu'")
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """A device as a record names it: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def from_model(model: nn.Module, family: str | None = None, pooling: str = "cls") -> Backbone:

@@ -230,6 +230,11 @@ class TrainConfig(Config):
     local_steps: Optional[int] = option("If set, cap local training at this many steps per round (paper LLaMA: 10).",
                                        None, ge=1)
     max_grad_norm: float = option("Gradient clipping norm; 0 disables.", 1.0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = option(
+        "Where clients train and the global model is evaluated: 'cpu'; 'cuda' (the current CUDA device; a run "
+        "fails at its start where torch sees none); 'auto' (CUDA where torch sees one, else the CPU). The "
+        "server's aggregation stays on the CPU: states travel as CPU tensors (chainfed_core.backbone.resolve_device).",
+        "cpu", added="2026-12")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import filelock
 
-from .backbone import Backbone
+from .backbone import Backbone, describe_device, resolve_device
 from .checkpoint import CHECKPOINT_FILE, METRICS_FILE, Checkpointer, read_metrics, rewrite_metrics
 from .config import RunConfig
 from .population import Population
@@ -107,7 +107,7 @@ def run_record(config: RunConfig, server: Server, started: float, **extra) -> di
 
 
 def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None = None,
-        max_failed_rounds: int = 1) -> dict:
+        max_failed_rounds: int = 1, deadline: float | None = None) -> dict:
     """Run (or resume) a federated experiment; return its record, also written to out_dir.
 
     ``out_dir`` receives ``metrics.jsonl`` (one line per round, with its failures),
@@ -118,6 +118,12 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
     every selected client failed, the record is written (``status: "failed"``) and
     :class:`~chainfed_core.rounds.AllClientsFailed` raised. ``secagg.enabled`` is refused (the
     simulator does not mask: SecAgg+ runs as the Flower app ``flower_app/secagg``).
+
+    Clients train and the global model is evaluated on ``train.device`` (the model moves there
+    once it is built and seeded on the CPU, so its initial values are the same bits on every
+    device); the server's state stays on the CPU. ``deadline`` (a ``time.time()``): no round
+    starts after it; the run is left checkpointed and ``{"status": "stopped", "round": r}``
+    returned (no record written), and the same call later continues it.
     """
     if config.secagg.enabled:
         raise ValueError("SecAggConfig.enabled: the simulator does not mask the updates; run SecAgg+ with the "
@@ -132,15 +138,16 @@ def run(config: RunConfig, out_dir, *, progress: bool = True, task: Task | None 
         raise RunFolderLocked(f"{out} is being written by another run (lock {out / LOCK_FILE}); "
                            "wait for it or use another --out") from None
     try:
-        return _run_locked(config, out, progress, task, max_failed_rounds, started)
+        return _run_locked(config, out, progress, task, max_failed_rounds, started, deadline)
     finally:
         lock.release()
 
 
 def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, max_failed_rounds: int,
-                started: float) -> dict:
+                started: float, deadline: float | None) -> dict:
+    device = resolve_device(cfg.train.device)       # before any work: 'cuda' without one fails here
     task = task or build_task(cfg)
-    backbone = task.make_backbone()
+    backbone = task.make_backbone().to(device)
     pop = Population(cfg, task.train)
     server = Server(cfg, backbone, pop.capacity_gb, seq_len(task.train))
     _open(out, server)
@@ -153,7 +160,7 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
     try:
         run_rounds(server, clients, evaluator(backbone, task.test, task.pad_id, server.method),
                    checkpoints=checkpoints, progress=progress, started=started,
-                   max_failed_rounds=max_failed_rounds)
+                   max_failed_rounds=max_failed_rounds, deadline=deadline)
     except AllClientsFailed:
         status = "failed"
         raise
@@ -165,8 +172,12 @@ def _run_locked(cfg: RunConfig, out: Path, progress: bool, task: Task | None, ma
             if status == "complete" and task.final_eval is not None:     # instruction tuning: MMLU, ...
                 server.method.load_state(backbone, server.state["global"])
                 extra["final_eval"] = task.final_eval(backbone)
+            if device.type != "cpu":      # CPU records keep their keys as before
+                extra["device"] = describe_device(device)
             record = run_record(cfg, server, started, data=task.data, **extra)
             atomic_write_json(out / RECORD_FILE, record)
+        else:
+            record = {"status": "stopped", "round": server.state["round"]}     # the deadline came first
     return record
 
 

@@ -36,7 +36,7 @@ from .methods import Method
 from .seeding import client_seed, injected_failure, seed_generators
 from .server import Server
 from .schedule import TrainPlan
-from .train import LocalResult, batches, set_state, tensors_by_name
+from .train import LocalResult, batches, cpu_state, set_state, tensors_by_name
 from .train import evaluate as evaluate_model
 from .validation import RejectedUpdate, update_problem
 
@@ -78,7 +78,8 @@ class Transport(Protocol):
 def client_update(backbone: Backbone, config: RunConfig, method, dataset, plan: TrainPlan,
                   state: dict[str, torch.Tensor], round_index: int, client_id: int, pad_id: int = 0, *,
                   seed: int | None = None, targets: dict[str, torch.Tensor] | None = None) -> LocalResult:
-    """One client's round: load ``state``, seed, run the method's client update.
+    """One client's round: load ``state``, seed, run the method's client update; the update's
+    state comes back on the CPU whatever device the client trained on.
 
     ``targets`` (``tensors_by_name`` of ``state``'s names) may be passed when the caller
     looked them up for the whole round. Raises :class:`InjectedFailure` when the failure
@@ -89,13 +90,15 @@ def client_update(backbone: Backbone, config: RunConfig, method, dataset, plan: 
     method.load_state(backbone, state, targets)
     seed = client_seed(config.seed, round_index, client_id) if seed is None else seed
     seed_generators(seed)
-    return method.client_update(backbone, dataset, plan, seed=seed, pad_id=pad_id)
+    result = method.client_update(backbone, dataset, plan, seed=seed, pad_id=pad_id)
+    result.state = cpu_state(result.state)
+    return result
 
 
 def client_profile(backbone: Backbone, config: RunConfig, dataset, pad_id: int = 0) -> list[float]:
     """FOAT on a client: CKA scores of every layer on its first local batch."""
     batch = next(batches(dataset, min(config.chain.foat_batch_size, len(dataset)), shuffle=True,
-                         seed=config.seed, pad_id=pad_id))
+                         seed=config.seed, pad_id=pad_id, device=backbone.device))
     return foat.profile_client(backbone, batch)
 
 
@@ -189,7 +192,7 @@ def run_round(server: Server, transport: Transport, round_index: int,
 # ---------------------------------------------------------------------- the loop
 def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], dict] | None = None, *,
                checkpoints=None, progress: bool = False, started: float | None = None,
-               max_failed_rounds: int = 1) -> list[dict]:
+               max_failed_rounds: int = 1, deadline: float | None = None) -> list[dict]:
     """FOAT (if the start layer is not set yet), then the rounds from the server's current
     one to ``fed.rounds``, or until the run converges (:mod:`chainfed_core.convergence`,
     ``fed.stop_patience``); returns the metrics history.
@@ -197,7 +200,8 @@ def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], 
     ``checkpoints`` (a :class:`chainfed_core.checkpoint.Checkpointer`) gets the metrics line
     and the server state after every round. After ``max_failed_rounds`` consecutive rounds
     in which every selected client failed, raises :class:`AllClientsFailed` (the rounds'
-    records are written first).
+    records are written first). ``deadline`` (a ``time.time()``): no round starts after it; the
+    run stops there, checkpointed, to be resumed by the same call.
     """
     from tqdm.auto import tqdm
 
@@ -214,6 +218,8 @@ def run_rounds(server: Server, transport: Transport, evaluate: Callable[[dict], 
     for r in bar:
         if server.finished():
             break                         # checked first: a resumed run that had converged stops there
+        if deadline is not None and time.time() >= deadline:
+            break                         # out of time: the checkpoint of round r - 1 stands
         round_started = time.perf_counter()
         metrics = run_round(server, transport, r, evaluate)
         metrics["seconds_round"] = time.perf_counter() - round_started     # without the checkpoint below

@@ -108,8 +108,16 @@ def trainable_names(backbone: Backbone, plan: TrainPlan) -> list[str]:
 
 
 def get_state(backbone: Backbone, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Copies of the named tensors, packed in one buffer where they share a dtype (:func:`pack`)."""
-    return pack(tensors_by_name(backbone, names))
+    """Copies of the named tensors on the CPU, packed in one buffer where they share a dtype (:func:`pack`)."""
+    return cpu_state(pack(tensors_by_name(backbone, names)))
+
+
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its tensors on the CPU, where states travel and the server aggregates them:
+    ``state`` itself when they are there already (nothing copied), else one packed copy."""
+    if all(t.device.type == "cpu" for t in state.values()):
+        return state
+    return pack({n: t.detach().cpu() for n, t in state.items()})
 
 
 def set_state(backbone: Backbone, state: dict[str, torch.Tensor],
@@ -123,14 +131,18 @@ def set_state(backbone: Backbone, state: dict[str, torch.Tensor],
 
 
 # ---------------------------------------------------------------------- batches
-def batches(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, pad_id: int = 0) -> Iterator[dict]:
+def batches(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, pad_id: int = 0,
+            device: torch.device | str | None = None) -> Iterator[dict]:
     """Mini-batches of a tokenized dataset (columns input_ids, attention_mask, label),
-    right-padded and trimmed to the longest real sequence in the batch."""
+    right-padded and trimmed to the longest real sequence in the batch, on ``device`` (the
+    model's, ``Backbone.device``; None: where collation made them, the CPU). The order is drawn
+    on the CPU whatever the device, so every device sees the same batches."""
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         rows = dataset[order[start:start + batch_size].tolist()]
-        yield collate(rows, pad_id)
+        batch = collate(rows, pad_id)
+        yield batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 def collate(rows: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -220,11 +232,12 @@ def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, 
     params = _set_trainable(backbone, names)
     optimizer = _optimizer(params, cfg)
     prefix = prefix or frozen_prefix(backbone, plan)
-    subsequent = list(plan.idle)
-    losses, correct, seen, steps = [], 0, 0, 0
+    subsequent, device = list(plan.idle), backbone.device
+    losses, hits, seen, steps = [], [], 0, 0        # tensors, read once after the loop (no sync per step)
     try:
         for epoch in range(cfg.local_epochs):
-            for batch in batches(dataset, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, pad_id=pad_id):
+            for batch in batches(dataset, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, pad_id=pad_id,
+                                 device=device):
                 hidden, ctx = prefix(batch)
                 hidden = backbone.run_layers(plan.training, hidden, ctx)
                 out = gpo_loss(backbone, hidden, batch, ctx, subsequent, plan.lam)
@@ -233,9 +246,9 @@ def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, 
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                losses.append(out.total.item())
+                losses.append(out.total.detach())
                 if not backbone.is_causal_lm:
-                    correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                    hits.append((out.logits.argmax(-1) == batch["labels"]).sum())
                     seen += len(batch["labels"])
                 steps += 1
                 if cfg.local_steps is not None and steps >= cfg.local_steps:
@@ -246,6 +259,8 @@ def train_local(backbone: Backbone, dataset, plan: TrainPlan, cfg: TrainConfig, 
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+    losses = torch.stack(losses).tolist() if losses else []
+    correct = int(torch.stack(hits).sum()) if hits else 0
     return LocalResult(state=get_state(backbone, names), num_examples=len(dataset), steps=steps,
                        loss=sum(losses) / len(losses), accuracy=correct / seen if seen else math.nan,
                        seconds=time.perf_counter() - started, history=losses)
@@ -257,16 +272,19 @@ def evaluate(backbone: Backbone, dataset, batch_size: int = 64, pad_id: int = 0)
     most 8, the (B, T, V) logits of a real vocabulary are large)."""
     if backbone.is_causal_lm:
         batch_size = min(batch_size, 8)
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in batches(dataset, batch_size, shuffle=False, pad_id=pad_id):
+    losses, sizes, hits = [], [], []         # tensors, read once after the loop (no sync per batch)
+    for batch in batches(dataset, batch_size, shuffle=False, pad_id=pad_id, device=backbone.device):
         hidden, ctx = backbone.embed(batch)
         hidden = backbone.run_layers(range(backbone.num_layers), hidden, ctx)
         loss, logits = backbone.head_loss(hidden, batch, ctx)
-        n = len(batch["input_ids"])
-        total_loss += float(loss) * n
-        count += n
+        losses.append(loss)
+        sizes.append(len(batch["input_ids"]))
         if not backbone.is_causal_lm:
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            hits.append((logits.argmax(-1) == batch["labels"]).sum())
+    total_loss, count = 0.0, sum(sizes)
+    for loss, n in zip(torch.stack(losses).tolist(), sizes):     # summed in batch order, as it always was
+        total_loss += loss * n
+    correct = int(torch.stack(hits).sum()) if hits else 0
     metrics = {"loss": total_loss / count}
     if backbone.is_causal_lm:
         metrics["perplexity"] = math.exp(metrics["loss"])

@@ -260,7 +260,7 @@ class FedAdapter(Method):
         score = metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
         res = train_local(backbone, dataset, plan, cfg, seed=seed, pad_id=pad_id)
         upload = {n: narrow(n, t, self.width) for n, t in res.state.items()}
-        upload[SCORE] = torch.tensor([score], dtype=torch.float32)
+        upload[SCORE] = torch.tensor([score], dtype=torch.float32, device="cpu")     # sent up: on the CPU
         return LocalResult(state=pack(upload), num_examples=res.num_examples, steps=res.steps, loss=res.loss,
                            accuracy=res.accuracy, seconds=time.perf_counter() - started, history=res.history)
 

@@ -122,8 +122,8 @@ class FLoRA(Method):
         from ..lora import attach, detach
         from ..train import train_local
 
-        attach(backbone, plan.lora_rank, self.options.scaling, plan.training,
-               generator=torch.Generator().manual_seed(seed))
+        attach(backbone, plan.lora_rank, self.options.scaling, plan.training,      # A drawn where it lives
+               generator=torch.Generator(device=backbone.device).manual_seed(seed))
         try:
             return train_local(backbone, dataset, plan, self.config.train, seed=seed, pad_id=pad_id)
         finally:

@@ -210,7 +210,7 @@ class FwdLLM(Method):
         params = [tensors[n] for n in names]
         reference = None
         if self.samples and self.reference is not None and bool(self.reference.any()):
-            reference = list(self.reference.split([p.numel() for p in params]))
+            reference = list(self.reference.to(params[0].device).split([p.numel() for p in params]))
         check = [k for k, n in enumerate(names) if n.startswith(f"adapters.{self.check_layer}.")]
         planned = local_steps(len(dataset), cfg.batch_size, cfg.local_epochs, cfg.local_steps)
         generator = torch.Generator(device=params[0].device).manual_seed(seed)
@@ -228,7 +228,7 @@ class FwdLLM(Method):
             losses, correct, seen, steps = [], 0, 0, 0
             for epoch in range(cfg.local_epochs):
                 for batch in batches(dataset, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch,
-                                     pad_id=pad_id):
+                                     pad_id=pad_id, device=backbone.device):
                     with tagged("cache"):     # the candidate pool and the kept perturbation
                         v = sample_perturbation(params, reference, opt.candidates, generator)
                     value, jvp, logits = central_difference(loss, params, v, opt.h, origin)
