@@ -162,8 +162,10 @@ def f1_summary(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> di
 
 
 @torch.no_grad()
-def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` up to the end token or the first newline, stripped."""
+def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, *, stop_at_newline: bool = True) -> str:
+    """Greedy continuation of ``prompt`` up to the end token or ``max_new_tokens`` (and, with
+    ``stop_at_newline``, the first newline: a short answer's end), stripped. Each step runs the
+    whole sequence again (a Backbone with adapters has no key-value cache)."""
     ids = torch.as_tensor([tokenizer(prompt)["input_ids"]])                   # (1, T)
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -171,7 +173,8 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> 
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
-        if "\n" in tokenizer.decode(new):
+        if stop_at_newline and "\n" in tokenizer.decode(new):
             break
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)                 # (1, T + 1)
-    return tokenizer.decode(new).split("\n")[0].strip()
+    text = tokenizer.decode(new)
+    return (text.split("\n")[0] if stop_at_newline else text).strip()

@@ -157,6 +157,8 @@ def test_greedy_answer_matches_generate_cut_at_the_newline():
         ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     expected = tok.decode(ref[0, ids.shape[1]:]).split("\n")[0].split(tok.eos_token)[0].strip()
     assert llm_eval.generate_answer(model, tok, prompt, max_new_tokens=8) == expected
+    whole = tok.decode(ref[0, ids.shape[1]:]).split(tok.eos_token)[0].strip()     # every line of it
+    assert llm_eval.generate_answer(model, tok, prompt, max_new_tokens=8, stop_at_newline=False) == whole
 
 
 def test_our_scorer_equals_lm_evals_harness(tmp_path):
