@@ -77,7 +77,7 @@ def case_study(profile_name: str, root, path, *, run_missing: bool = True, n_cas
     differ = [k for k in settings if saved.get(k) != settings[k]]
     if differ:
         raise ValueError(f"{path}: made with other {differ} than asked; delete it to regenerate")
-    not_run, changed = {}, False
+    not_run = {}
     for variant, cfg in cfgs.items():
         run_id = config_hash(cfg)
         if variant in saved["answers"]:
@@ -93,10 +93,8 @@ def case_study(profile_name: str, root, path, *, run_missing: bool = True, n_cas
         started = time.perf_counter()
         saved["answers"][variant] = answers_of(cfg, root / run_id, settings["cases"], max_new_tokens)
         saved["runs"][variant] = {"run_id": run_id, "seconds": time.perf_counter() - started}
-        changed = True
-    if changed:
         saved["code_version"] = code_version()
-        atomic_write_json(path, saved)
+        atomic_write_json(path, saved)            # after each variant: an interrupted study keeps what it has
     return {**saved, "not_run": not_run}
 
 
