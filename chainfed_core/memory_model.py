@@ -9,7 +9,11 @@ federated client as deployed (memory-aware selection, result tables).
 What :func:`peak_training_bytes` assumes: the first trained layer of the adapter methods
 saves only its adapter's activations because its input needs no gradient; under FFT every
 layer saves its inputs for its weight gradients. A causal LM's head (final norm and LM head)
-is frozen, so linear probing a LLaMA trains nothing and its peak is the weights. The
+is frozen, so linear probing a decoder trains nothing and its peak is the weights; a head tied
+to the token embeddings counts as the frozen copy of its own that the runs give it. What
+differs between families (causal LM or classifier, RMSNorm-gated or LayerNorm layers, Gemma's
+extra norms, fused projections, masks per attention type, rotary tables, eager attention) is
+read from the config as :class:`FamilyTraits`; tests/test_memory.py meters every family. The
 gradients of a step are freed only after the next step's forward, so gradients, optimizer
 state and activations are live together. The model covers tensor bytes, as
 :class:`~chainfed_core.memory_meter.MemoryMeter` counts them; the process adds the runtime
@@ -18,12 +22,14 @@ and allocator slack (:func:`~chainfed_core.rss.measure_rss`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from .backbone import from_model
+from .families import SPECS, attention_types, detect_family
 from .memory_meter import CATEGORIES
 from .model_parts import build_model, hf_config, part_tensors
 
@@ -54,67 +60,155 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STEP_KINDS = ("full_adapters", "chainfed", "fft", "linear_probe", "no_ft")
 
 
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What the estimate needs to know of a model family, read from its config.
+
+    ``causal_lm``: a decoder with a frozen LM head (else a classifier whose head trains);
+    ``gated``: decoder layers of RMSNorms and a gated feed-forward (LLaMA, Qwen2, Mistral, Phi3,
+    Gemma2, Gemma3), else LayerNorm layers (the encoders, GPT-2); ``layer_norms``: normalisations
+    per gated layer (Gemma's pre and post norms: 4); ``qk_norm``: q and k normalised per head
+    (Gemma3); ``fused_qkv``: one projection makes q, k and v, and v, a view of it, keeps all of it
+    saved (Phi3); ``mlp_saves``: feed-forward-wide tensors autograd saves in a LayerNorm layer (GELU's
+    input; GPT-2's tanh-form ``gelu_new`` keeps four); ``logit_cap``: the final logits are soft-capped (Gemma2); ``mask_types``: distinct
+    attention masks a batch builds (full and sliding-window: 2); ``rotary_sets``: rotary tables
+    (GPT-2: none, Gemma3: one per attention type); ``eager``: attention materialises its
+    probabilities (MPNet; a decoder configured with eager attention).
+    """
+    family: str
+    causal_lm: bool
+    gated: bool = False
+    layer_norms: int = 2
+    qk_norm: bool = False
+    fused_qkv: bool = False
+    mlp_saves: int = 1
+    logit_cap: bool = False
+    mask_types: int = 1
+    rotary_sets: int = 1
+    eager: bool = False
+
+
+_GEMMA = ("gemma2", "gemma3")
+
+
+def family_traits(config_like) -> FamilyTraits:
+    """The :class:`FamilyTraits` of a HF config (or a dict with ``model_type``); its family as
+    :func:`~chainfed_core.families.detect_family` names it (a refused model type raises)."""
+    config = hf_config(config_like)
+    family = detect_family(config)
+    spec = SPECS[family]
+    mlp_saves = 4 if getattr(config, "activation_function", None) == "gelu_new" else 1
+    if not spec.causal_lm:
+        return FamilyTraits(family, causal_lm=False, eager=family == "mpnet", mlp_saves=mlp_saves)
+    types = attention_types(config) if spec.rotary != "none" else ["full_attention"]
+    return FamilyTraits(family, causal_lm=True, gated=spec.rotary != "none",
+                        layer_norms=4 if family in _GEMMA else 2, qk_norm=family == "gemma3",
+                        fused_qkv=family == "phi3", mlp_saves=mlp_saves,
+                        logit_cap=getattr(config, "final_logit_softcapping", None) is not None,
+                        mask_types=len(set(types)),
+                        rotary_sets={"none": 0, "shared": 1}.get(spec.rotary, len(set(types))),
+                        eager=_attention_of(config) == "eager")
+
+
+def _attention_of(config) -> str:
+    """The attention a decoder built from ``config`` runs: the one it asks for, else SDPA where its
+    class supports it, else eager (Gemma2, whose attention logits are soft-capped)."""
+    from transformers import AutoModelForCausalLM
+
+    requested = getattr(config, "_attn_implementation", None)
+    if requested:
+        return requested
+    task_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return "sdpa" if task_class._supports_sdpa else "eager"
+
+
+def _as_deployed(config):
+    """A causal LM whose head shares the token embeddings (SmolLM2, Gemma3) counted as the runs
+    hold it: untied, the head a frozen copy of its own
+    (:func:`chainfed_core.instruct_runs.untie_head`; the layer store keeps them as two parts)."""
+    if SPECS[detect_family(config)].causal_lm and getattr(config, "tie_word_embeddings", False):
+        config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
+    return config
+
+
 def part_sizes(config_like) -> dict[str, int]:
     """Parameter (and buffer) element counts of one layer, the embeddings, the head and the rest,
-    counted exactly on a model built on the meta device (no memory, any size)."""
-    config = hf_config(config_like)
+    counted exactly on a model built on the meta device (no memory, any size); a tied LM head
+    counts as its own copy (:func:`_as_deployed`)."""
+    config = _as_deployed(hf_config(config_like))
+    family = detect_family(config)
     with torch.device("meta"):
-        model = build_model(config, config.model_type)
-    parts = part_tensors(model, from_model(model, config.model_type))
+        model = build_model(config, family)
+    parts = part_tensors(model, from_model(model, family))
     sizes = {key: sum(t.numel() for t in ts.values()) for key, ts in parts.items()}
     return {"embed": sizes["embed"], "head": sizes["head"], "rest": sizes["rest"],
             "layer": sizes["layer.0"], "num_layers": sum(k.startswith("layer.") for k in sizes)}
 
 
 def _dims(config) -> dict[str, int]:
-    """Widths the activation counts need: hidden H, intermediate I, heads, KV heads, head dim, vocab V, labels K."""
+    """Widths the activation counts need: hidden H, intermediate I, heads, KV heads, head dim,
+    the query width Q (heads x head dim: H but for Gemma's wider heads), vocab V, labels K."""
     hidden = int(getattr(config, "hidden_size", None) or config.dim)
     heads = int(getattr(config, "num_attention_heads", None) or config.n_heads)
-    inter = int(getattr(config, "intermediate_size", None) or config.hidden_dim)
+    inter = int(getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
+                or getattr(config, "n_inner", None) or 4 * hidden)           # GPT-2: n_inner, else 4H
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    return {"H": hidden, "I": inter, "heads": heads, "kv": kv, "head_dim": head_dim,
+    return {"H": hidden, "I": inter, "heads": heads, "kv": kv, "head_dim": head_dim, "Q": heads * head_dim,
             "V": int(config.vocab_size), "K": int(getattr(config, "num_labels", 2))}
 
 
-def _layer_activation_elements(family: str, d: dict[str, int], seq_len: int, bottleneck: int) -> int:
+def _layer_activation_elements(t: FamilyTraits, d: dict[str, int], seq_len: int, bottleneck: int) -> int:
     """Elements autograd saves per token for one layer whose input needs a gradient, adapter included.
 
-    Encoders (SDPA): q, k, v, attention output (4H) and log-sum-exp (heads); the inputs of
-    both LayerNorms (2H) with their mean and rstd (4); the GELU input (I); the adapter's
-    input (H) and bottleneck activation (r).
+    LayerNorm layers (encoders with SDPA, GPT-2): q, k, v, attention output (4H) and
+    log-sum-exp (heads); the inputs of both LayerNorms (2H) with their mean and rstd (4); the
+    GELU input (I); the adapter's input (H) and bottleneck activation (r).
     MPNet (eager attention): q, k, v (3H), softmax probabilities (heads * T), then as above.
-    LLaMA (SDPA): two RMSNorm inputs (2H) with rstd (2); q (H), k and v (2 * kv * head_dim),
-    log-sum-exp (heads), attention output (H); gate, up and SiLU outputs (3I); adapter (H + r).
+    Gated decoders (LLaMA's layer, SDPA): the RMSNorm inputs (2H; Gemma's four: 4H) with their
+    rstd; q (Q), k and v (2 * kv * head_dim), log-sum-exp (heads), attention output (Q); Gemma3's
+    q and k norms (their inputs and rstd); gate, up and activation outputs (3I); adapter (H + r).
+    A decoder with eager attention saves its probabilities (heads * T) instead of the log-sum-exp.
     """
-    H, I, r = d["H"], d["I"], bottleneck
-    if family == "llama":
-        return 5 * H + 2 * d["kv"] * d["head_dim"] + d["heads"] + 3 * I + r + 2
-    if family == "mpnet":
-        return 6 * H + d["heads"] * seq_len + I + r + 4
-    return 7 * H + d["heads"] + I + r + 4
+    H, I, r, Q = d["H"], d["I"], bottleneck, d["Q"]
+    if t.gated:
+        kv_width = d["kv"] * d["head_dim"]
+        norms = t.layer_norms * (H + 1)
+        if t.qk_norm:
+            norms += Q + kv_width + d["heads"] + d["kv"]
+        attention = d["heads"] * seq_len if t.eager else d["heads"]
+        fused = Q + kv_width if t.fused_qkv else 0
+        return norms + 2 * Q + 2 * kv_width + fused + attention + 3 * I + H + r
+    if t.eager:
+        return 6 * H + d["heads"] * seq_len + t.mlp_saves * I + r + 4
+    return 7 * H + d["heads"] + t.mlp_saves * I + r + 4
 
 
-def _fft_layer_activation_elements(family: str, d: dict[str, int], seq_len: int) -> int:
+def _fft_layer_activation_elements(t: FamilyTraits, d: dict[str, int], seq_len: int) -> int:
     """Per-token elements saved by one layer whose own weights train (no adapter).
 
     As :func:`_layer_activation_elements` without the adapter (H + r), plus the inputs the
     trainable projections keep for their weight gradients that are not saved already: the
-    two normalisation outputs (2H) and the activation output feeding the down projection (I).
+    two normalisation outputs (2H) and the activation output feeding the down projection (I);
+    Gemma's two further norms (post-attention, post-feed-forward) and its q / k norms, whose
+    weights now train, keep their normalised inputs too.
     """
-    return _layer_activation_elements(family, d, seq_len, 0) - d["H"] + 2 * d["H"] + d["I"]
+    H = d["H"]
+    extra = (t.layer_norms - 2) * 2 * H + (d["Q"] + d["kv"] * d["head_dim"] if t.qk_norm else 0)
+    return _layer_activation_elements(t, d, seq_len, 0) - H + 2 * H + d["I"] + extra
 
 
-def _inference_elements(family: str, d: dict[str, int], seq_len: int) -> int:
+def _inference_elements(t: FamilyTraits, d: dict[str, int], seq_len: int) -> int:
     """Per-token elements alive at the widest point of one layer's forward under ``no_grad``,
     its input included: the attention block (input, q, k, v, attention output, its reshaped
     copy and the projection) or the feed-forward block (input, normalised input, the up
-    projection and its activation; LLaMA's gate, up and their product)."""
-    H, I = d["H"], d["I"]
-    if family == "llama":
-        return max(6 * H + 4 * d["kv"] * d["head_dim"], 3 * H + 3 * I)
-    attention = 7 * H + (2 * d["heads"] * seq_len if family == "mpnet" else 0)   # eager scores, probabilities
-    return max(attention, 3 * H + 2 * I)
+    projection and its activation; a gated decoder's gate, up and their product)."""
+    H, I, Q = d["H"], d["I"], d["Q"]
+    if t.gated:
+        return max(3 * H + 3 * Q + 4 * d["kv"] * d["head_dim"], 3 * H + 3 * I)
+    attention = 7 * H + (2 * d["heads"] * seq_len if t.eager else 0)   # eager scores, probabilities
+    return max(attention, 3 * H + max(2, t.mlp_saves) * I)
 
 
 def peak_training_bytes(model_config_like, method: str,
@@ -155,37 +249,37 @@ def peak_training_bytes(model_config_like, method: str,
         raise ValueError(f"method: {method!r} is not one of {list(STEP_KINDS)}")
     if (streamed or cached) and method != "chainfed":
         raise ValueError(f"streamed/cached: only 'chainfed' streams layers or caches its prefix, not {method!r}")
-    config = hf_config(model_config_like)
-    family = config.model_type
+    config = _as_deployed(hf_config(model_config_like))
+    traits = family_traits(config)
     sizes = part_sizes(config)
     d = _dims(config)
     L = sizes["num_layers"]
     if not 1 <= window <= L:
         raise ValueError(f"window: W={window} must lie in 1..{L}")
     cb = _BYTES[compute_dtype or dtype]
-    weights = _weight_bytes(method, family, sizes, d["H"], window, _BYTES[dtype], bottleneck, optimizer,
+    weights = _weight_bytes(method, traits, sizes, d["H"], window, _BYTES[dtype], bottleneck, optimizer,
                             streamed, cached)
     if method in ("no_ft", "linear_probe"):
-        acts = _inference_activation_bytes(method, family, d, batch_size, seq_len, cb)
+        acts = _inference_activation_bytes(method, traits, d, batch_size, seq_len, cb)
     else:
-        acts = _training_activation_bytes(method, family, d, L, window, window_start, batch_size, seq_len,
+        acts = _training_activation_bytes(method, traits, d, L, window, window_start, batch_size, seq_len,
                                           bottleneck, cb, gpo)
     return MemoryEstimate(**weights, activations=int(acts), cache=int(cache_bytes if cached else 0),
-                          notes={"family": family, "num_layers": L, "window": window, "method": method,
+                          notes={"family": traits.family, "num_layers": L, "window": window, "method": method,
                                  "streamed": streamed, "cached": cached, "batch_size": batch_size,
                                  "seq_len": seq_len, "dtype": dtype, "compute_dtype": compute_dtype or dtype})
 
 
-def _head_trains(method: str, family: str) -> bool:
+def _head_trains(method: str, t: FamilyTraits) -> bool:
     """A classification head is float32 and trains (frozen under no_ft); an LM head is frozen."""
-    return family != "llama" and method != "no_ft"
+    return not t.causal_lm and method != "no_ft"
 
 
-def _weight_bytes(method: str, family: str, sizes: dict[str, int], H: int, window: int, wb: int, r: int,
+def _weight_bytes(method: str, t: FamilyTraits, sizes: dict[str, int], H: int, window: int, wb: int, r: int,
                   optimizer: str, streamed: bool, cached: bool) -> dict[str, int]:
     """Frozen and trainable weights, gradients and optimizer state (``wb``: bytes per frozen weight)."""
-    causal = family == "llama"
-    head_trains = _head_trains(method, family)
+    causal = t.causal_lm
+    head_trains = _head_trains(method, t)
     L = sizes["num_layers"]
     if method == "chainfed" and streamed:
         prefetch = 0 if cached else sizes["embed"]      # next step's first part, read during the window
@@ -207,42 +301,45 @@ def _weight_bytes(method: str, family: str, sizes: dict[str, int], H: int, windo
             "optimizer_state": int(opt)}
 
 
-def _mask_bytes(family: str, d: dict[str, int], B: int, T: int, cb: int) -> int:
-    """The attention mask (B, 1, T, T), shared by the layers, and MPNet's relative position bias."""
-    bias = B * d["heads"] * T * T * cb if family == "mpnet" else 0
-    return B * T * T * cb + bias
+def _mask_bytes(t: FamilyTraits, d: dict[str, int], B: int, T: int, cb: int) -> int:
+    """The attention mask (B, 1, T, T) of each attention type, shared by the layers of that type
+    (a full and a sliding-window one where layers differ), and MPNet's relative position bias."""
+    bias = B * d["heads"] * T * T * cb if t.family == "mpnet" else 0
+    return t.mask_types * B * T * T * cb + bias
 
 
-def _inference_activation_bytes(method: str, family: str, d: dict[str, int], B: int, T: int, cb: int) -> int:
+def _inference_activation_bytes(method: str, t: FamilyTraits, d: dict[str, int], B: int, T: int, cb: int) -> int:
     """Activations of a forward-only step (no_ft, linear_probe) in compute-dtype bytes ``cb``."""
-    if not (_head_trains(method, family) or method == "no_ft"):
+    if not (_head_trains(method, t) or method == "no_ft"):
         return 0                                         # a causal LM's linear probe never runs a step
     H = d["H"]
-    acts = B * T * _inference_elements(family, d, T) * cb + _mask_bytes(family, d, B, T, cb)
-    acts += B * T * d["V"] * (cb + 4) if family == "llama" else B * H * 4 * 4   # logits and log-softmax; pooled
+    acts = B * T * _inference_elements(t, d, T) * cb + _mask_bytes(t, d, B, T, cb)
+    acts += B * T * d["V"] * (cb + 4) if t.causal_lm else B * H * 4 * 4   # logits and log-softmax; pooled
     if method == "linear_probe":
         acts += B * T * H * cb                           # the last step's output, held until the next prefix returns
     return acts
 
 
-def _training_activation_bytes(method: str, family: str, d: dict[str, int], L: int, window: int,
+def _training_activation_bytes(method: str, t: FamilyTraits, d: dict[str, int], L: int, window: int,
                                window_start: int, B: int, T: int, r: int, cb: int, gpo: bool) -> int:
     """Activations of a training step (fft, full_adapters, chainfed) in compute-dtype bytes ``cb``."""
     H = d["H"]
     if method == "fft":
-        saved = L * _fft_layer_activation_elements(family, d, T)
+        saved = L * _fft_layer_activation_elements(t, d, T)
     else:
-        per_token = _layer_activation_elements(family, d, T, r)
+        per_token = _layer_activation_elements(t, d, T, r)
         trained = L if method == "full_adapters" else window
         saved = (trained - 1) * per_token + (H + r)        # first trained layer: its adapter only
     subsequent = 0 if method != "chainfed" or not gpo else max(L - window_start - window, 0)
     saved += subsequent * r                                  # global branch through later frozen adapters
-    acts = B * T * saved * cb + _mask_bytes(family, d, B, T, cb)
-    if family == "llama":
+    acts = B * T * saved * cb + _mask_bytes(t, d, B, T, cb)
+    if t.causal_lm:
         branches = 2 if subsequent else 1
         acts += B * T * (H + 1) * 4 * branches               # final RMSNorm input and rstd
         acts += B * T * d["V"] * (cb + 4 * branches)         # logits, and the log-softmax of each branch
-        acts += 2 * T * d["head_dim"] * cb                   # rotary cos / sin
+        if t.logit_cap:
+            acts += B * T * d["V"] * cb * branches           # the capped logits (tanh saves its output)
+        acts += t.rotary_sets * 2 * T * d["head_dim"] * cb   # rotary cos / sin (one pair per table)
     else:
         acts += B * H * 4 * 4                                # pooled features and their gradients
     acts += B * T * H * cb * 2                               # window input and the layer output in flight
@@ -279,18 +376,18 @@ def prefix_fill_bytes(model_config_like, batch_size: int = 8, seq_len: int = 128
     mapped file stays on disk); every adapter and the head stay resident (they are trained and
     exchanged); the cache holds ``cache_bytes`` in memory and spills the rest to disk.
     """
-    config = hf_config(model_config_like)
-    family, sizes, d = config.model_type, part_sizes(config), _dims(config)
+    config = _as_deployed(hf_config(model_config_like))
+    traits, sizes, d = family_traits(config), part_sizes(config), _dims(config)
     wb, cb = _BYTES[dtype], _BYTES[compute_dtype or dtype]
     B, T, H, L = batch_size, seq_len, d["H"], sizes["num_layers"]
-    head_trains = _head_trains("chainfed", family)
+    head_trains = _head_trains("chainfed", traits)
     frozen = (sizes["rest"] + 2 * sizes["layer"]) * wb + B * T * H * wb
     frozen += 0 if head_trains else sizes["head"] * wb
     trainable = L * (2 * H * bottleneck + H + bottleneck) * 4 + (sizes["head"] * 4 if head_trains else 0)
-    acts = B * T * _inference_elements(family, d, T) * cb + _mask_bytes(family, d, B, T, cb) + B * T * H * cb
+    acts = B * T * _inference_elements(traits, d, T) * cb + _mask_bytes(traits, d, B, T, cb) + B * T * H * cb
     return MemoryEstimate(frozen_weights=int(frozen), trainable=int(trainable), gradients=0, optimizer_state=0,
                           activations=int(acts), cache=int(cache_bytes),
-                          notes={"family": family, "num_layers": L, "phase": "prefix fill", "batch_size": B,
+                          notes={"family": traits.family, "num_layers": L, "phase": "prefix fill", "batch_size": B,
                                  "seq_len": T, "dtype": dtype})
 
 

@@ -171,3 +171,71 @@ def test_current_rss_sees_a_new_block():
     block = torch.ones(64 << 20, dtype=torch.uint8)                  # 64 MiB, every page touched
     assert current_rss() - before > 48 << 20
     del block
+
+
+DECODERS = ["qwen2", "mistral", "phi3", "gemma2", "gemma3", "gpt2"]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("method,window,start", [("full_adapters", 6, 0), ("chainfed", 2, 1), ("fft", 1, 0),
+                                                 ("no_ft", 1, 0)])
+def test_analytic_model_of_every_decoder_family_within_ten_percent_of_meter(family, method, window, start):
+    # each family's own layer (Gemma's four norms and q/k norms, Phi3's fused qkv, GPT-2's LayerNorms and
+    # tanh GELU, Gemma2's eager attention and capped logits), its masks (sliding and full) and its LM head
+    L, B, T = 6, 8, 32
+    bb = tiny_backbone(family, num_layers=L, hidden=64)
+    if method in ("full_adapters", "chainfed"):
+        bb.add_adapters(AdapterConfig(bottleneck=16))
+    data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
+    if method == "no_ft":
+        with MemoryMeter(bb) as meter:
+            evaluate(bb, data, batch_size=B)
+        report = meter.report()
+    else:
+        stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
+        report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
+                                     TrainConfig(batch_size=B, local_steps=2))
+    estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+    assert abs(estimate.total / report.peak_bytes - 1) <= 0.10, (estimate.total, report.peak_bytes)
+    assert estimate.notes["family"] == family
+    if method != "fft":
+        assert estimate.frozen_weights == report.breakdown["frozen_weights"]   # the LM head is frozen
+
+
+def test_family_traits_are_read_from_the_config():
+    from chainfed_core.memory_model import family_traits
+
+    llama, gemma3, gemma2, gpt2, bert = (family_traits(tiny_config(f, 6, 64))
+                                         for f in ("llama", "gemma3", "gemma2", "gpt2", "bert"))
+    assert (llama.causal_lm, llama.gated, llama.layer_norms, llama.mask_types, llama.rotary_sets) == (True, True, 2, 1, 1)
+    assert (gemma3.family, gemma3.layer_norms, gemma3.qk_norm, gemma3.mask_types, gemma3.rotary_sets) == \
+        ("gemma3", 4, True, 2, 2)                                   # full and sliding layers, a rotary table each
+    assert gemma2.logit_cap and gemma2.eager and not gemma3.logit_cap
+    assert (gpt2.causal_lm, gpt2.gated, gpt2.rotary_sets, gpt2.mlp_saves) == (True, False, 0, 4)
+    assert not bert.causal_lm and bert.mlp_saves == 1
+    with pytest.raises(ValueError, match="model_type 't5' is not supported"):
+        family_traits({"model_type": "t5"})
+
+
+def test_a_tied_lm_head_counts_as_the_untied_copy_the_runs_hold():
+    from chainfed_core.memory_model import part_sizes
+
+    untied = tiny_config("gemma3", 4, 64)
+    tied = tiny_config("gemma3", 4, 64)
+    tied.tie_word_embeddings = True
+    assert part_sizes(tied) == part_sizes(untied) and part_sizes(tied)["head"] >= part_sizes(tied)["embed"]
+    for method in ("full_adapters", "chainfed"):
+        assert client_peak_bytes(tied, method, 2, batch_size=2, seq_len=16).total == \
+            client_peak_bytes(untied, method, 2, batch_size=2, seq_len=16).total
+    assert tied.tie_word_embeddings                                  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_deployed_decoder_estimate_follows_the_meter(family, tmp_path):
+    config = tiny_config(family, num_layers=4, hidden=64)
+    for method, window in [("full_adapters", 1), ("chainfed", 2)]:      # chainfed streamed and cached, as deployed
+        report = measure_peak(config, method, window, batch_size=8, seq_len=32, bottleneck=16,
+                              streamed=method == "chainfed", cached=method == "chainfed", folder=tmp_path / "store")
+        estimate = client_peak_bytes(config, method, window, batch_size=8, seq_len=32, bottleneck=16)
+        assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
+        assert abs(estimate.frozen_weights / report.breakdown["frozen_weights"] - 1) <= 0.01
