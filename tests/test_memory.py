@@ -207,7 +207,8 @@ def test_family_traits_are_read_from_the_config():
 
     llama, gemma3, gemma2, gpt2, bert = (family_traits(tiny_config(f, 6, 64))
                                          for f in ("llama", "gemma3", "gemma2", "gpt2", "bert"))
-    assert (llama.causal_lm, llama.gated, llama.layer_norms, llama.mask_types, llama.rotary_sets) == (True, True, 2, 1, 1)
+    assert (llama.causal_lm, llama.gated, llama.layer_norms, llama.mask_types, llama.rotary_sets) == \
+        (True, True, 2, 1, 1)
     assert (gemma3.family, gemma3.layer_norms, gemma3.qk_norm, gemma3.mask_types, gemma3.rotary_sets) == \
         ("gemma3", 4, True, 2, 2)                                   # full and sliding layers, a rotary table each
     assert gemma2.logit_cap and gemma2.eager and not gemma3.logit_cap
