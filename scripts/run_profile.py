@@ -12,13 +12,17 @@ seeds, and variants in the order given: the comparison that matters first goes f
 
 ``--workers N`` runs N runs at once in separate processes (``--threads`` each), for machines
 with the cores for it; the records are the same as one at a time (each run is a pure function
-of its config). Prints the wall time of the batch and of each run.
+of its config). Prints the wall time of the batch and of each run. ``scripts/gpu_profile.py``
+runs the gpu profile through the same :func:`run_all`, with a deadline.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,13 +44,66 @@ def ordered_runs(args) -> list[ex.Run]:
     return runs
 
 
-def _one(run: ex.Run, root: str, threads: int) -> tuple[str, float, str]:
+class OutOfTime(Exception):
+    """A run still in a round at the hard deadline: stopped there, its last checkpoint stands."""
+
+
+def _out_of_time(signum, frame):
+    raise OutOfTime("the batch's hard deadline passed mid-round")
+
+
+def _one(run: ex.Run, root: str, threads: int, deadline: float | None = None,
+         hard_deadline: float | None = None) -> tuple[str, float, str]:
+    """One run in a worker process: its record's status, or "stopped" / "not started" at ``deadline``
+    (no round starts after it), or "interrupted" at ``hard_deadline`` (the round in progress is
+    abandoned; the run resumes from its last checkpoint)."""
     import torch
 
+    from chainfed_core.federated import run as federated_run
+
+    if deadline is not None and time.time() >= deadline:
+        return run.run_id, 0.0, "not started"
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    record = ex.ensure_run(run.config, root, progress=False)
+    runner = functools.partial(federated_run, deadline=deadline)
+    if hard_deadline is not None:
+        signal.signal(signal.SIGALRM, _out_of_time)
+        signal.setitimer(signal.ITIMER_REAL, max(0.1, hard_deadline - time.time()))
+    try:
+        record = ex.ensure_run(run.config, root, runner=runner, progress=False)
+    except OutOfTime:
+        return run.run_id, time.perf_counter() - started, "interrupted"
+    finally:
+        if hard_deadline is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
     return run.run_id, time.perf_counter() - started, record.get("status", "complete")
+
+
+def run_all(runs: list[ex.Run], root: Path, *, workers: int, threads: int, deadline: float | None = None,
+            hard_deadline: float | None = None, spawn: bool = False) -> dict[str, int]:
+    """Run ``runs`` (those without a record) in ``workers`` processes of ``threads`` torch threads
+    each; a line per finished run. At ``deadline`` (a ``time.time()``) no new round starts: runs
+    in flight stop checkpointed, the others do not start; at ``hard_deadline`` a round still going
+    is abandoned (:func:`_one`). ``spawn``: fresh worker processes (not forked), as CUDA needs.
+    Returns the count of each outcome."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))      # the workers' OpenMP pools: no oversubscription
+    context = multiprocessing.get_context("spawn") if spawn else None
+    started, outcomes = time.perf_counter(), {}
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(_one, r, str(root), threads, deadline, hard_deadline): r for r in runs}
+        for done, future in enumerate(as_completed(futures), 1):
+            r = futures[future]
+            try:
+                run_id, seconds, status = future.result()
+            except Exception as err:            # one run's failure (recorded where it is) stops no other
+                run_id, seconds, status = r.run_id, 0.0, f"error: {type(err).__name__}: {str(err)[:200]}"
+            outcomes[status.split(":")[0]] = outcomes.get(status.split(":")[0], 0) + 1
+            if status != "not started":
+                print(f"[{done}/{len(runs)} {time.perf_counter() - started:7.0f} s] {r.variant} | {r.model} {r.dataset} "
+                      f"{r.partition} s{r.seed}: {seconds:.0f} s ({status}) -> {run_id}", flush=True)
+    print(f"batch done in {time.perf_counter() - started:.0f} s: "
+          + ", ".join(f"{n} {k}" for k, n in outcomes.items()), flush=True)
+    return outcomes
 
 
 def main(argv=None) -> int:
@@ -76,16 +133,7 @@ def main(argv=None) -> int:
         except BrokenPipeError:                       # `| head`: the reader has seen enough
             sys.stdout = open(os.devnull, "w")
         return 0
-    threads = args.threads or ex.profile(args.profile)["threads"]
-    started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(_one, r, str(root), threads): r for r in todo}
-        for done, future in enumerate(as_completed(futures), 1):
-            r = futures[future]
-            run_id, seconds, status = future.result()
-            print(f"[{done}/{len(todo)} {time.perf_counter() - started:7.0f} s] {r.variant} | {r.dataset} "
-                  f"{r.partition} s{r.seed}: {seconds:.0f} s ({status}) -> {run_id}", flush=True)
-    print(f"batch done in {time.perf_counter() - started:.0f} s", flush=True)
+    run_all(todo, root, workers=args.workers, threads=args.threads or ex.profile(args.profile)["threads"])
     return 0
 
 

@@ -1,0 +1,330 @@
+"""The gpu profile in one command: every run of Tables 1, 2, 4 and Figures 8, 9 on one GPU by
+parallel worker processes, within a wall-time budget, then the notebooks rendered on the records.
+
+    .venv/bin/python scripts/gpu_profile.py --dry-run            # the plan, what is recorded, the time estimate
+    .venv/bin/python scripts/gpu_profile.py                      # make gpu: 12 workers, 600 s in all
+    .venv/bin/python scripts/gpu_profile.py --tiny --workers 2   # the same pipeline on the quick profile (CPU)
+    .venv/bin/python scripts/gpu_profile.py --out "$OUT"         # also pack what it wrote into $OUT
+
+1. Plan: the runs each artefact's notebook asks for with its default parameters (:data:`ARTEFACTS`
+   follows their grids; after rendering the script checks that the notebooks trained nothing
+   the plan missed), each run once, seed by seed and MiniLM before MPNet within a seed, ChainFed
+   and Full Adapters first: a batch stopped early holds whole seeds of the comparison that matters.
+2. Runs: ``--workers`` processes (spawned where they use CUDA, which a fork cannot) share the one GPU, ``--threads`` torch
+   threads each (12 x 1 of the H200 machine's 16 cores: the rest for the parent and the driver),
+   through ``run_profile.run_all``. Recorded runs are skipped, interrupted ones resume from their
+   checkpoint (``results/runs/<profile>/<hash>/``): the same command continues a stopped batch.
+3. Budget: ``--budget-s`` is the whole command's wall time. No round starts after the budget less
+   ``--render-s`` (kept for rendering) and a grace minute; a round still going at the end of the
+   grace is abandoned (its run resumes from the round before). What is not done is left resumable.
+4. Render (``run_batch``): each notebook whose runs are all recorded, Table 1 always (without
+   training: ``run_missing=False``, missing cells read "not run"), then the claims page and the
+   index ``reports/report_<profile>.html``.
+5. ``--out DIR``: records (without checkpoints), summaries, figures and reports packed into
+   ``DIR/<profile>.tar.gz`` (in parts of at most 15 MiB), to bring back from a device machine.
+
+The estimate (``--dry-run``) reads ``results/benchmarks/gpu_step_cost.json``
+(``benchmarks/gpu_step_cost.py``): see :func:`estimate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from chainfed_core import experiments as ex  # noqa: E402
+from chainfed_core.records import RECORD_FILE  # noqa: E402
+
+import run_profile  # noqa: E402
+
+TINY = "quick"                   # --tiny: the quick profile (tiny model, synthetic data, CPU)
+COST_RECORD = REPO / "results" / "benchmarks" / "gpu_step_cost.json"
+PART_BYTES = 15 * 2 ** 20        # the device machine returns files of at most 16 MiB
+GRACE_S = 60
+
+
+# ---------------------------------------------------------------------- the plan
+def _ablation(p: dict) -> dict:
+    """The grid arguments the sensitivity notebooks give: the profile's ablation settings."""
+    return {"datasets": p["ablation_datasets"], "partitions": p.get("ablation_partitions"),
+            "seeds": p.get("ablation_seeds")}
+
+
+def _windows(p: dict) -> list:
+    smallest = min(ex.num_layers(m) for m in p["models"])
+    return [ex.chainfed(f"W={w}", window=w) for w in [2, 3, 4, 5, 6] if w <= smallest] + ["FFT"]
+
+
+# Each artefact's variants and grid arguments, as its notebook builds them with its defaults
+# (Table 1: the profile's datasets without the heavy one, ChainFed and Full Adapters first).
+ARTEFACTS = {
+    "table1_main_results": lambda p: (["ChainFed", "Full Adapters", *ex.PAPER_BASELINES, "No-FT", "LP", "FFT"], {}),
+    "table2_threshold": lambda p: ([ex.chainfed(f"tau={t}", foat_tau=t) for t in [1.0, 0.9, 0.8]] + ["Full Adapters"],
+                                   _ablation(p)),
+    "table4_ablation": lambda p: (["ChainFed", "w/o DLCT", "w/o GPO", "w/o FOAT", "ChainFed (stage head)",
+                                   "w/o GPO (stage head)"], _ablation(p)),
+    "fig8_window_size": lambda p: (_windows(p), _ablation(p)),
+    "fig9_global_weight": lambda p: ([ex.chainfed(f"lambda={lam}" + ("" if head == "shared" else ", stage head"),
+                                                  gpo_lambda=lam, local_head=head)
+                                      for head in ["shared", "stage"] for lam in [0.0, 0.1, 0.2, 0.5, 1.0]],
+                                     _ablation(p)),
+}
+CLAIMS = "claims"
+
+
+def plan(profile: str, artefacts: list[str]) -> tuple[list[ex.Run], dict[str, list[ex.Run]]]:
+    """The runs of ``artefacts`` in the order they are run (each once), and each artefact's own."""
+    p = ex.profile(profile)
+    by_artefact = {}
+    for name in artefacts:
+        variants, kwargs = ARTEFACTS[name](p)
+        by_artefact[name] = ex.grid(profile, variants, **kwargs)
+    models = {m: i for i, m in enumerate(p["models"])}
+    ordered, seen = [], set()
+    for position, (a, r) in enumerate((a, r) for a, runs in enumerate(by_artefact.values()) for r in runs):
+        if r.run_id not in seen:
+            seen.add(r.run_id)
+            ordered.append(((r.seed, models[r.model], a, position), r))
+    return [r for _, r in sorted(ordered, key=lambda item: item[0])], by_artefact
+
+
+def recorded(root: Path, runs: list[ex.Run]) -> list[ex.Run]:
+    return [r for r in runs if (root / r.run_id / RECORD_FILE).exists()]
+
+
+# ---------------------------------------------------------------------- the estimate
+def _cost_key(run: ex.Run, measured: dict) -> str:
+    """The measured client round that stands for ``run``: its variant's, a window's (W=k), or ChainFed's."""
+    if run.variant in measured:
+        return run.variant
+    w = run.config.chain.window
+    return f"W={w}" if run.config.method == "chainfed" and f"W={w}" in measured else "ChainFed"
+
+
+def run_cost(run: ex.Run, cost: dict) -> dict:
+    """Kernels, FLOPs and CPU seconds of one run, at the fewest rounds its stopping rule allows
+    (``low``) and at its cap (``high``): K clients a round, each client's round scaled from the
+    measured one by its steps (a method with a fixed step count, FedKSeed, not scaled), an
+    evaluation of the test set every ``eval_every`` rounds."""
+    from chainfed_core.methods import get_method
+
+    cfg, model = run.config, cost["models"][run.model]
+    data = cost["datasets"][run.dataset]
+    measured = model["client_round"][_cost_key(run, model["client_round"])]
+    if "could_not_run" in measured:           # no device holds it: recorded at once, costs nothing
+        return {}
+    steps = math.ceil(data["train"] / cfg.data.num_clients / cfg.train.batch_size)
+    scale = steps / measured["steps"] if measured["steps"] == math.ceil(measured["examples"] / 8) else 1.0
+    ev = model["evaluation"]
+    per_round = {k: cfg.fed.clients_per_round * measured[k] * scale + ev[k] * data["test"] / ev["examples"]
+                 / cfg.fed.eval_every for k in ("kernels", "flops", "cpu_s")}
+    layers = ex.num_layers(run.model)
+    method = get_method(cfg.method)(cfg, layers, "bert")
+    low = max(method.min_rounds(0, min(cfg.chain.window, layers)), cfg.fed.eval_every * (cfg.fed.stop_patience or 0), 1)
+    return {f"{k}_{end}": v * r for k, v in per_round.items()
+            for end, r in (("low", min(low, cfg.fed.rounds)), ("high", cfg.fed.rounds))}
+
+
+# The GPU side of the model, stated, not measured here (no GPU on the machine that wrote the
+# cost record): a kernel of a batch-8 step runs a few microseconds, and kernels of different
+# processes take turns on the GPU (no MPS); host seconds per kernel launched from eager PyTorch,
+# on a fast server core; the FP32 rate reached on matrices this small.
+GPU_S_PER_KERNEL = 3e-6
+HOST_S_PER_KERNEL_FAST = 10e-6
+FLOPS_PER_S = 15e12
+
+
+def estimate(runs: list[ex.Run], cost: dict, workers: int, cores: int = 16) -> dict:
+    """Wall seconds of ``runs`` on one H200 with ``workers`` processes, at the low and high round
+    counts: the largest of the GPU's serial kernel time, the host's launch time spread over the
+    workers (per kernel: a fast core's, and this CPU's measured overhead, the slow end) and the
+    FP32 arithmetic. Also this CPU's seconds for the same work, one run at a time."""
+    totals: dict[str, float] = {}
+    for r in runs:
+        for k, v in run_cost(r, cost).items():
+            totals[k] = totals.get(k, 0.0) + v
+    host_slow = cost["overhead"]["seconds_per_operator"]
+    out = {}
+    for end in ("low", "high"):
+        kernels, flops = totals.get(f"kernels_{end}", 0.0), totals.get(f"flops_{end}", 0.0)
+        parallel = min(workers, cores)
+        for label, host in (("fast_host", HOST_S_PER_KERNEL_FAST), ("this_cpu_host", host_slow)):
+            out[f"{end}/{label}"] = max(kernels * GPU_S_PER_KERNEL, kernels * host / parallel, flops / FLOPS_PER_S)
+        out[f"{end}/cpu_here"] = totals.get(f"cpu_s_{end}", 0.0)
+    return out
+
+
+def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
+    import json
+
+    if not COST_RECORD.exists():
+        print(f"estimate: no {COST_RECORD.relative_to(REPO)} (run benchmarks/gpu_step_cost.py)")
+        return
+    cost = json.loads(COST_RECORD.read_text())
+    missing = sorted({r.model for r in runs} - set(cost["models"])) + sorted({r.dataset for r in runs} - set(cost["datasets"]))
+    if missing:
+        print(f"estimate: the cost record has no {missing}")
+        return
+    e = estimate(runs, cost, workers)
+    hours = lambda s: f"{s / 3600:7.1f} h"  # noqa: E731
+    print(f"estimate for {len(runs)} runs, {workers} workers on one H200 (budget {budget_s:.0f} s):")
+    for end, what in (("low", "fewest rounds the stopping rule allows"), ("high", "every run to its round cap")):
+        print(f"  {what}: {hours(e[f'{end}/fast_host'])} (fast host) to {hours(e[f'{end}/this_cpu_host'])} "
+              f"(this CPU's per-kernel overhead); this 2-core CPU: {e[f'{end}/cpu_here'] / 86400:.1f} days")
+    fits = e["low/fast_host"] <= budget_s
+    print(f"  fits the budget: {'yes' if fits else 'no'}" + ("" if fits else
+          f" (at best {e['low/fast_host'] / budget_s:.0f}x over); the batch stops at the budget, resumable"))
+
+
+# ---------------------------------------------------------------------- before, and after
+def preflight(profile: str, runs: list[ex.Run]) -> str | None:
+    """Why the batch cannot start (one line), checked before any work; None if it can."""
+    import torch
+
+    from chainfed_core.assets import AssetError, fetch
+
+    devices = {r.config.train.device for r in runs}
+    if "cuda" in devices and not torch.cuda.is_available():
+        return (f"profile {profile}: train.device 'cuda', but torch {torch.__version__} sees no CUDA device here; "
+                "--tiny runs the same pipeline on the CPU")
+    for name in sorted({r.model for r in runs if not r.model.startswith("tiny")}
+                       | {r.dataset for r in runs if r.dataset != "synthetic"}):
+        try:
+            fetch(name)
+        except AssetError as err:
+            return f"asset {name!r} is not here and cannot be fetched ({str(err).splitlines()[0]}); run `make assets`"
+    return None
+
+
+def render(profile: str, artefacts: list[str], by_artefact: dict, root: Path) -> list[dict]:
+    """Each notebook whose runs are all recorded (Table 1 always, training nothing), then the
+    claims page and the index; what is skipped is said."""
+    import run_batch
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ.pop("MPLBACKEND", None)
+    out_dir, results = run_batch.REPORTS / profile, []
+    for name in artefacts:
+        params = {"profile": profile}
+        missing = len(by_artefact[name]) - len(recorded(root, by_artefact[name]))
+        if name == "table1_main_results":
+            params["run_missing"] = False
+        elif missing:
+            print(f"{name}: not rendered, {missing} of {len(by_artefact[name])} runs not recorded yet "
+                  "(the same command continues them)", flush=True)
+            continue
+        results.append(run_batch.execute(REPO / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb", params))
+    claims = run_batch.execute(REPO / "notebooks" / f"{CLAIMS}.ipynb", out_dir / f"{CLAIMS}.ipynb",
+                               {"profile": profile})
+    index = run_batch.write_index([claims, *results], profile, out_dir)
+    print(f"report: {index.relative_to(REPO)}", flush=True)
+    return [claims, *results]
+
+
+def outputs(profile: str) -> list[Path]:
+    """What a batch of ``profile`` wrote, relative to the repo: records (no checkpoints, no locks),
+    summaries, figures, reports."""
+    figures = REPO / "figures" / ("quick" if profile == "quick" else "")
+    found = [p for p in (REPO / "results" / "runs" / profile).rglob("*")
+             if p.is_file() and p.name not in ("checkpoint.pkl", "checkpoint.pt", ".lock")]
+    found += [p for p in (REPO / "results").glob(f"*/{profile}/*") if p.is_file() and p.parent.parent.name != "runs"]
+    found += sorted(figures.glob(f"*_{profile}.png"))
+    found += [p for p in (REPO / "reports" / profile).glob("*") if p.is_file()]
+    found += [p for p in [REPO / "reports" / f"report_{profile}.html"] if p.exists()]
+    return [p.relative_to(REPO) for p in found]
+
+
+def pack(profile: str, out: Path) -> list[Path]:
+    """``outputs(profile)`` as ``out/<profile>.tar.gz`` (``.partNN`` pieces of at most 15 MiB:
+    ``cat`` them back in order)."""
+    out.mkdir(parents=True, exist_ok=True)
+    archive = out / f"{profile}.tar.gz"
+    listing = "\n".join(map(str, outputs(profile))) + "\n"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(REPO), "-T", "-"], input=listing.encode(), check=True)
+    if archive.stat().st_size <= PART_BYTES:
+        return [archive]
+    data, parts = archive.read_bytes(), []
+    for i in range(0, len(data), PART_BYTES):
+        parts.append(out / f"{archive.name}.part{i // PART_BYTES:02d}")
+        parts[-1].write_bytes(data[i:i + PART_BYTES])
+    archive.unlink()
+    return parts
+
+
+# ---------------------------------------------------------------------- the command
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help=f"the {TINY} profile instead: tiny model, synthetic data, CPU")
+    parser.add_argument("--profile", default="gpu-full", choices=list(ex.PROFILES))
+    parser.add_argument("--notebooks", nargs="+", default=list(ARTEFACTS), choices=list(ARTEFACTS),
+                        help="the artefacts to run and render (default: all five)")
+    parser.add_argument("--workers", type=int, default=12, help="worker processes sharing the GPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the profile's)")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="wall seconds for the whole command")
+    parser.add_argument("--render-s", type=float, default=120.0, help="seconds of the budget kept for rendering")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; run nothing")
+    parser.add_argument("--no-render", action="store_true", help="run only, render nothing")
+    parser.add_argument("--out", type=Path, help="pack records, summaries, figures and reports into this folder")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.profile = TINY
+    for name, value in (("--workers", args.workers), ("--budget-s", args.budget_s)):
+        if value <= 0:
+            parser.error(f"{name}: must be > 0, got {value}")
+    if not 0 <= args.render_s < args.budget_s:
+        parser.error(f"--render-s: must lie in [0, --budget-s), got {args.render_s}")
+    return args
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    args = parse(argv)
+    root = REPO / "results" / "runs" / args.profile
+    runs, by_artefact = plan(args.profile, args.notebooks)
+    done = {r.run_id for r in recorded(root, runs)}
+    todo = [r for r in runs if r.run_id not in done]
+    print(f"{args.profile}: {len(runs)} runs for {', '.join(args.notebooks)}; {len(runs) - len(todo)} recorded, "
+          f"{len(todo)} to run", flush=True)
+    for name, rs in by_artefact.items():
+        print(f"  {name}: {len(rs)} runs, {len(recorded(root, rs))} recorded", flush=True)
+    if args.dry_run:
+        print_estimate(todo, args.workers, args.budget_s)
+        return 0
+    problem = preflight(args.profile, todo)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    before = {p.name for p in root.glob("*") if p.is_dir()}
+    hard = started + args.budget_s - args.render_s
+    if todo:
+        run_profile.run_all(todo, root, workers=args.workers, threads=args.threads or ex.profile(args.profile)["threads"],
+                            deadline=hard - min(GRACE_S, (hard - started) / 4), hard_deadline=hard,
+                            spawn=any(r.config.train.device != "cpu" for r in todo))    # CUDA needs fresh processes
+    left = len(runs) - len(recorded(root, runs))
+    print(f"runs: {len(runs) - left} of {len(runs)} recorded, {left} left (the same command continues them)", flush=True)
+    failed = 0
+    if not args.no_render:
+        planned = before | {r.run_id for r in runs}
+        failed = sum(r["error"] is not None for r in render(args.profile, args.notebooks, by_artefact, root))
+        extra = sorted({p.name for p in root.glob("*") if p.is_dir()} - planned)
+        print(f"the notebooks trained {len(extra)} runs the plan did not hold" + (f": {extra[:5]}" if extra else ""),
+              flush=True)
+        failed += bool(extra)
+    if args.out is not None:
+        for part in pack(args.profile, args.out):
+            print(f"packed: {part} ({part.stat().st_size / 2 ** 20:.1f} MiB)", flush=True)
+    print(f"done in {time.time() - started:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
