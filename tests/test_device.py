@@ -148,13 +148,8 @@ def test_the_device_field_keeps_every_hash_and_refuses_what_is_not_there():
             run(tiny("ChainFed", "cuda"), "/nonexistent/never-written", progress=False)
 
 
-FEDKSEED_PENDING = pytest.mark.xfail(
-    strict=True, reason="chainfed_core/methods/fedkseed.py (the lead's) streams batches without device=")
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=FEDKSEED_PENDING) if v == "FedKSeed" else v
-                                     for v in METHODS])
+@pytest.mark.parametrize("variant", METHODS)
 def test_every_tensor_of_a_round_follows_the_device(variant, device, tmp_path, monkeypatch, one_thread):
     config = tiny(variant, device, rounds_=1 if variant == "FedKSeed" else 2)
     with audited(monkeypatch, resolve_device(device)) as audit:

@@ -109,7 +109,7 @@ def seed_order(sampler_seed: int, num_seeds: int, steps: int, probabilities: "to
 
     gen = torch.Generator().manual_seed(int(sampler_seed))
     if probabilities is None:
-        return torch.randperm(num_seeds, generator=gen)[:steps].tolist()
+        return torch.randperm(num_seeds, generator=gen, device="cpu")[:steps].tolist()   # every party, any device
     return torch.multinomial(probabilities, steps, replacement=False, generator=gen).tolist()
 
 
@@ -279,7 +279,7 @@ class FedKSeed(Method):
                     batch = next(stream, None)
                     while batch is None:      # cycle the local data until τ steps
                         stream = batches(dataset, self.config.train.batch_size, shuffle=True,
-                                         seed=seed * 1000 + epoch, pad_id=pad_id)
+                                         seed=seed * 1000 + epoch, pad_id=pad_id, device=backbone.device)
                         epoch, batch = epoch + 1, next(stream, None)
                     logits = []
 
@@ -297,7 +297,7 @@ class FedKSeed(Method):
                         seen += len(batch["labels"])
         finally:
             backbone.model.train(was_training)
-        return LocalResult(state={SCALARS: torch.tensor(scalars, dtype=torch.float32)}, num_examples=len(dataset),
+        return LocalResult(state={SCALARS: torch.tensor(scalars, dtype=torch.float32, device="cpu")}, num_examples=len(dataset),
                            steps=len(scalars), loss=sum(losses) / len(losses),
                            accuracy=correct / seen if seen else math.nan,
                            seconds=time.perf_counter() - started, history=losses)
