@@ -297,7 +297,8 @@ class FedKSeed(Method):
                         seen += len(batch["labels"])
         finally:
             backbone.model.train(was_training)
-        return LocalResult(state={SCALARS: torch.tensor(scalars, dtype=torch.float32, device="cpu")}, num_examples=len(dataset),
+        upload = torch.tensor(scalars, dtype=torch.float32, device="cpu")
+        return LocalResult(state={SCALARS: upload}, num_examples=len(dataset),
                            steps=len(scalars), loss=sum(losses) / len(losses),
                            accuracy=correct / seen if seen else math.nan,
                            seconds=time.perf_counter() - started, history=losses)
