@@ -31,13 +31,12 @@ PAPER_LAMBDAS = (0.0, 0.1, 0.2, 0.5, 1.0)                        # Figure 9's se
 # Figure 10's τ values are not in the text; Section 5.6's set {1.0, 0.9, 0.8} and two below it,
 # so that an optimum at 0.8 is an inner point
 PAPER_TAUS = (0.6, 0.7, 0.8, 0.9, 1.0)
-# Gemma 3's tiny stand-in ("gemma3-270m": {"model": "tiny-gemma3-L4-H32"}) joins the quick profile once a
-# Gemma 3 run does not fail: tests/test_instruct_sensitivity.py::test_a_gemma3_decoder_runs (strict xfail) says when
-_TINY = {"smollm2-135m": {"model": "tiny-llama-L4-H32"}, "qwen2.5-coder-0.5b": {"model": "tiny-qwen2-L4-H32"}}
+_TINY = {"smollm2-135m": {"model": "tiny-llama-L4-H32"}, "gemma3-270m": {"model": "tiny-gemma3-L4-H32"},
+         "qwen2.5-coder-0.5b": {"model": "tiny-qwen2-L4-H32"}}
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"help": "CI-sized, on Table 3's quick runs (a random tiny LLaMA over byte tokens, 48 Alpaca records, "
-                      "2 rounds of 2 local steps, MMLU on 8 questions); F.2's Qwen2.5 role is a random tiny Qwen2 "
-                      "of the same size (Gemma 3's is left out while a Gemma 3 run fails in the memory estimate). "
+                      "2 rounds of 2 local steps, MMLU on 8 questions); F.2's Gemma 3 and Qwen2.5 roles are random "
+                      "tiny Gemma 3 and Qwen2 decoders of the same size. "
                       "Seconds a run; the numbers mean nothing.",
               "table3": "quick", "evals": {"mmlu": 8}, "seeds": (0,), "lambda": (0.0, 0.2, 1.0),
               "tau": (0.6, 0.8, 1.0), "decoders": _TINY},

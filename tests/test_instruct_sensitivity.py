@@ -173,9 +173,6 @@ def test_estimate_seconds_scales_the_base_record():
         cost.estimate_seconds(sens.base_config("quick"), base, measured)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="memory_model.part_sizes builds the model by config.model_type ('gemma3_text'), "
-                          "not by its family ('gemma3'); the server's peak-memory estimate fails for any Gemma 3")
 def test_a_gemma3_decoder_runs(tmp_path):
     cfg = sens.derived(it.run_config("quick", "Full Adapters"), model={"name": "tiny-gemma3-L4-H32"},
                        fed={"rounds": 1, "eval_every": 1}, train={"local_steps": 1})
