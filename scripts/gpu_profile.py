@@ -24,7 +24,9 @@ parallel worker processes, within a wall-time budget, then the notebooks rendere
    ``DIR/<profile>.tar.gz`` (in parts of at most 15 MiB), to bring back from a device machine.
 
 The estimate (``--dry-run``) reads ``results/benchmarks/gpu_step_cost.json``
-(``benchmarks/gpu_step_cost.py``): see :func:`estimate`.
+(``benchmarks/gpu_step_cost.py``, kernels and FLOPs counted on the CPU): see :func:`estimate`;
+where ``results/benchmarks/gpu_throughput.json`` holds a CUDA measurement
+(``benchmarks/gpu_throughput.py``), its seconds per kernel replace the stated GPU constants.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import run_profile  # noqa: E402
 
 TINY = "quick"                   # --tiny: the quick profile (tiny model, synthetic data, CPU)
 COST_RECORD = REPO / "results" / "benchmarks" / "gpu_step_cost.json"
+THROUGHPUT_RECORD = REPO / "results" / "benchmarks" / "gpu_throughput.json"     # measured on a GPU, when it is
 PART_BYTES = 15 * 2 ** 20        # the device machine returns files of at most 16 MiB
 GRACE_S = 60
 
@@ -160,7 +163,23 @@ def estimate(runs: list[ex.Run], cost: dict, workers: int, cores: int = 16) -> d
         for label, host in (("fast_host", HOST_S_PER_KERNEL_FAST), ("this_cpu_host", host_slow)):
             out[f"{end}/{label}"] = max(kernels * GPU_S_PER_KERNEL, kernels * host / parallel, flops / FLOPS_PER_S)
         out[f"{end}/cpu_here"] = totals.get(f"cpu_s_{end}", 0.0)
+        out[f"{end}/kernels"] = kernels
     return out
+
+
+def measured_s_per_kernel(workers: int) -> tuple[float, str] | None:
+    """Seconds per kernel, all workers together, from a CUDA record of ``benchmarks/gpu_throughput.py``
+    (MiniLM-L6's shape, at the largest worker count it ran up to ``workers``); None without one."""
+    import json
+
+    if not THROUGHPUT_RECORD.exists():
+        return None
+    record = json.loads(THROUGHPUT_RECORD.read_text())
+    rows = [r for r in record["shapes"].get("minilm-l6", {}).get("runs", []) if r["workers"] <= workers]
+    if not record["device"].startswith("cuda") or not rows:
+        return None
+    row = max(rows, key=lambda r: r["workers"])
+    return row["s_per_kernel"], f"{record['device']}, {row['workers']} workers, {THROUGHPUT_RECORD.name}"
 
 
 def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
@@ -180,6 +199,11 @@ def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
     for end, what in (("low", "fewest rounds the stopping rule allows"), ("high", "every run to its round cap")):
         print(f"  {what}: {hours(e[f'{end}/fast_host'])} (fast host) to {hours(e[f'{end}/this_cpu_host'])} "
               f"(this CPU's per-kernel overhead); this 2-core CPU: {e[f'{end}/cpu_here'] / 86400:.1f} days")
+    measured = measured_s_per_kernel(workers)
+    if measured is not None:
+        s_per_kernel, where = measured
+        e["low/fast_host"] = e["low/measured"] = e["low/kernels"] * s_per_kernel
+        print(f"  measured ({where}): {hours(e['low/measured'])} to {hours(e['high/kernels'] * s_per_kernel)}")
     fits = e["low/fast_host"] <= budget_s
     print(f"  fits the budget: {'yes' if fits else 'no'}" + ("" if fits else
           f" (at best {e['low/fast_host'] / budget_s:.0f}x over); the batch stops at the budget, resumable"))

@@ -23,7 +23,12 @@ from chainfed_core.backbone import resolve_device
 from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 
-from runtime_checks import without_timing
+
+def without_timing(history: list[dict]) -> list[dict]:
+    """Metrics lines without their seconds (runtime_checks has the same, but imports flwr, which the
+    GPU machine this file also runs on does not have)."""
+    return [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in history]
+
 
 CORE = str(Path(train.__file__).resolve().parent)
 TORCH = str(Path(torch.__file__).resolve().parent)

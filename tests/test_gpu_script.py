@@ -2,6 +2,7 @@
 notebooks rendered on the records; end to end at the quick profile's size on the CPU."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -125,3 +126,15 @@ def test_the_gpu_profile_refuses_to_start_without_cuda(capsys):
     gp = load_script()
     assert gp.main(["--notebooks", "table4_ablation"]) == 2
     assert "train.device 'cuda', but torch" in capsys.readouterr().err
+
+
+def test_a_cuda_throughput_record_replaces_the_stated_constants(tmp_path, monkeypatch):
+    gp = load_script()
+    record = {"device": "cuda:0 (NVIDIA H200)", "shapes": {"minilm-l6": {"runs": [
+        {"workers": 1, "s_per_kernel": 3e-5}, {"workers": 12, "s_per_kernel": 4e-6}, {"workers": 16, "s_per_kernel": 1e-6}]}}}
+    path = tmp_path / "gpu_throughput.json"
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(gp, "THROUGHPUT_RECORD", path)
+    assert gp.measured_s_per_kernel(12) == (4e-6, "cuda:0 (NVIDIA H200), 12 workers, gpu_throughput.json")
+    path.write_text(json.dumps({**record, "device": "cpu"}))             # a CPU record says nothing of the GPU
+    assert gp.measured_s_per_kernel(12) is None
