@@ -39,6 +39,7 @@ from chainfed_core.records import code_version  # noqa: E402  (read now, before 
 
 REPORTS = REPO / "reports"
 NOTEBOOKS = ["table1_main_results", "table2_threshold", "table3_instruction_tuning", "table4_ablation",
+             "fig10_llm_sensitivity", "appF2_generalization", "fig11_case_study",
              "fig8_window_size", "fig9_global_weight", "obs1_memory_constrained", "beyond_dp_tradeoff"]
 CLAIMS = "claims"        # the claims page: executed after NOTEBOOKS, first in the index
 PROFILES = ["quick", "cpu", "cpu-full", "gpu-full"]
