@@ -167,6 +167,26 @@ def estimate(runs: list[ex.Run], cost: dict, workers: int, cores: int = 16) -> d
     return out
 
 
+def cpu_full_check(cost: dict) -> dict[str, tuple[float, float]]:
+    """Per method (Full Adapters, ChainFed): the cost record's CPU seconds per training example of
+    a MiniLM-L6 client, beside the median over the cpu-full records (``seconds_train`` per example
+    of each round; sequences cut at 32 tokens there, one thread of a loaded 2-core machine)."""
+    import json
+    import statistics
+
+    rounds = cost["models"].get("minilm-l6", {}).get("client_round", {})
+    out = {}
+    for label, method in (("Full Adapters", "full_adapters"), ("ChainFed", "chainfed")):
+        per_example = []
+        for path in (REPO / "results" / "runs" / "cpu-full").glob(f"*/{RECORD_FILE}"):
+            record = json.loads(path.read_text())
+            if record["config"]["method"] == method and record.get("history"):
+                per_example += [m["seconds_train"] / m["num_examples"] for m in record["history"] if m["num_examples"]]
+        if per_example and label in rounds:
+            out[label] = (rounds[label]["cpu_s"] / rounds[label]["examples"], statistics.median(per_example))
+    return out
+
+
 def measured_s_per_kernel(workers: int) -> tuple[float, str] | None:
     """Seconds per kernel, all workers together, from a CUDA record of ``benchmarks/gpu_throughput.py``
     (MiniLM-L6's shape, at the largest worker count it ran up to ``workers``); None without one."""
@@ -194,8 +214,8 @@ def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
         print(f"estimate: the cost record has no {missing}")
         return
     e = estimate(runs, cost, workers)
-    hours = lambda s: f"{s / 3600:7.1f} h"  # noqa: E731
-    print(f"estimate for {len(runs)} runs, {workers} workers on one H200 (budget {budget_s:.0f} s):")
+    hours = lambda s: f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"  # noqa: E731
+    print(f"estimate for {len(runs)} runs, {workers} workers on one H200 ({budget_s:.0f} s for the runs):")
     for end, what in (("low", "fewest rounds the stopping rule allows"), ("high", "every run to its round cap")):
         print(f"  {what}: {hours(e[f'{end}/fast_host'])} (fast host) to {hours(e[f'{end}/this_cpu_host'])} "
               f"(this CPU's per-kernel overhead); this 2-core CPU: {e[f'{end}/cpu_here'] / 86400:.1f} days")
@@ -203,10 +223,17 @@ def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
     if measured is not None:
         s_per_kernel, where = measured
         e["low/fast_host"] = e["low/measured"] = e["low/kernels"] * s_per_kernel
+        e["high/measured"] = e["high/kernels"] * s_per_kernel
         print(f"  measured ({where}): {hours(e['low/measured'])} to {hours(e['high/kernels'] * s_per_kernel)}")
-    fits = e["low/fast_host"] <= budget_s
-    print(f"  fits the budget: {'yes' if fits else 'no'}" + ("" if fits else
-          f" (at best {e['low/fast_host'] / budget_s:.0f}x over); the batch stops at the budget, resumable"))
+    print("  basis check, MiniLM-L6 client CPU seconds per example: " + ", ".join(
+        f"{m} {ours * 1e3:.0f} ms here vs {theirs * 1e3:.0f} ms in the cpu-full records"
+        for m, (ours, theirs) in cpu_full_check(cost).items()))
+    best, worst = e["low/fast_host"], e.get("high/measured", e["high/this_cpu_host"])
+    verdict = ("yes, even at the round caps" if worst <= budget_s else
+               f"only if the runs converge at the fewest rounds (worst case {worst / budget_s:.0f}x over)"
+               if best <= budget_s else f"no, {best / budget_s:.0f}x over at best")
+    print(f"  fits the budget: {verdict}" + ("" if worst <= budget_s else
+          "; at the budget the batch stops, its runs resumable by the same command"))
 
 
 # ---------------------------------------------------------------------- before, and after
@@ -291,6 +318,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", default="gpu-full", choices=list(ex.PROFILES))
     parser.add_argument("--notebooks", nargs="+", default=list(ARTEFACTS), choices=list(ARTEFACTS),
                         help="the artefacts to run and render (default: all five)")
+    parser.add_argument("--models", nargs="+", help="run only these models' runs (rendering still needs every run)")
+    parser.add_argument("--datasets", nargs="+", help="run only these data sets' runs")
+    parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds' runs")
     parser.add_argument("--workers", type=int, default=12, help="worker processes sharing the GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the profile's)")
     parser.add_argument("--budget-s", type=float, default=600.0, help="wall seconds for the whole command")
@@ -314,6 +344,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     root = REPO / "results" / "runs" / args.profile
     runs, by_artefact = plan(args.profile, args.notebooks)
+    runs = [r for r in runs if (args.models is None or r.model in args.models)
+            and (args.datasets is None or r.dataset in args.datasets) and (args.seeds is None or r.seed in args.seeds)]
     done = {r.run_id for r in recorded(root, runs)}
     todo = [r for r in runs if r.run_id not in done]
     print(f"{args.profile}: {len(runs)} runs for {', '.join(args.notebooks)}; {len(runs) - len(todo)} recorded, "
@@ -321,7 +353,7 @@ def main(argv=None) -> int:
     for name, rs in by_artefact.items():
         print(f"  {name}: {len(rs)} runs, {len(recorded(root, rs))} recorded", flush=True)
     if args.dry_run:
-        print_estimate(todo, args.workers, args.budget_s)
+        print_estimate(todo, args.workers, args.budget_s - args.render_s)
         return 0
     problem = preflight(args.profile, todo)
     if problem:
