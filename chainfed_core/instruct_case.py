@@ -112,7 +112,7 @@ def case_frame(study: dict):
 
 def case_table(study: dict, caption: str | None = None):
     """:func:`case_frame` as a readable HTML table: text wrapped, cells aligned at the top, HTML escaped."""
-    style = case_frame(study).style.format(escape="html").set_table_styles([
+    style = case_frame(study).style.set_uuid("fig11").format(escape="html").set_table_styles([   # same HTML each render
         {"selector": "td, th", "props": "white-space: pre-wrap; vertical-align: top; text-align: left; "
                                          "max-width: 22em; min-width: 12em; border: 1px solid #ccc; padding: 4px"},
         {"selector": "", "props": "border-collapse: collapse; font-size: 0.85em"}])
