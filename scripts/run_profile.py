@@ -44,8 +44,9 @@ def ordered_runs(args) -> list[ex.Run]:
     return runs
 
 
-class OutOfTime(Exception):
-    """A run still in a round at the hard deadline: stopped there, its last checkpoint stands."""
+class OutOfTime(BaseException):
+    """A run still in a round at the hard deadline: stopped there, its last checkpoint stands. A
+    BaseException, as KeyboardInterrupt is: the round's handler of a failing client must not take it."""
 
 
 def _out_of_time(signum, frame):
@@ -67,15 +68,20 @@ def _one(run: ex.Run, root: str, threads: int, deadline: float | None = None,
     started = time.perf_counter()
     runner = functools.partial(federated_run, deadline=deadline)
     if hard_deadline is not None:
-        signal.signal(signal.SIGALRM, _out_of_time)
+        previous = signal.signal(signal.SIGALRM, _out_of_time)
         signal.setitimer(signal.ITIMER_REAL, max(0.1, hard_deadline - time.time()))
     try:
         record = ex.ensure_run(run.config, root, runner=runner, progress=False)
     except OutOfTime:
         return run.run_id, time.perf_counter() - started, "interrupted"
+    except Exception:
+        if hard_deadline is not None and time.time() >= hard_deadline:    # the alarm, turned into another error
+            return run.run_id, time.perf_counter() - started, "interrupted"    # (an import it broke into)
+        raise
     finally:
         if hard_deadline is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     return run.run_id, time.perf_counter() - started, record.get("status", "complete")
 
 

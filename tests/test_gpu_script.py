@@ -138,3 +138,15 @@ def test_a_cuda_throughput_record_replaces_the_stated_constants(tmp_path, monkey
     assert gp.measured_s_per_kernel(12) == (4e-6, "cuda:0 (NVIDIA H200), 12 workers, gpu_throughput.json")
     path.write_text(json.dumps({**record, "device": "cpu"}))             # a CPU record says nothing of the GPU
     assert gp.measured_s_per_kernel(12) is None
+
+
+def test_a_round_going_at_the_hard_deadline_is_abandoned_and_the_run_resumes_bitwise(tmp_path, one_thread):
+    spec = importlib.util.spec_from_file_location("run_profile", ROOT / "scripts" / "run_profile.py")
+    run_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_profile)
+    (cell,) = ex.grid("quick", ["Full Adapters"], partitions=["iid"], overrides={"fed": {"rounds": 60}})
+    whole = ex.ensure_run(cell.config, tmp_path / "b")      # first: every lazy import done before the alarm
+    _, _, status = run_profile._one(cell, str(tmp_path / "a"), 1, time.time() + 600, time.time() + 1.5)
+    assert status == "interrupted" and not (tmp_path / "a" / cell.run_id / RECORD_FILE).exists()
+    resumed = ex.ensure_run(cell.config, tmp_path / "a")
+    assert without_timing(resumed["history"]) == without_timing(whole["history"])
