@@ -129,8 +129,9 @@ def test_deployed_chainfed_estimate_follows_the_meter_and_opens_the_small_device
     assert full / chain > 3          # the 4 GB tier (a third of the 12 GB that holds Full Adapters) holds W = 2
 
 
-def test_measured_peak_of_a_shape_agrees_with_the_client_estimate(tmp_path):
-    config = tiny_config("llama", num_layers=4, hidden=64)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_measured_peak_of_a_shape_agrees_with_the_client_estimate(family, tmp_path):
+    config = tiny_config(family, num_layers=4, hidden=64)
     for method, window in [("full_adapters", 1), ("chainfed", 2)]:      # chainfed streamed and cached, as deployed
         report = measure_peak(config, method, window, batch_size=8, seq_len=32, bottleneck=16,
                               streamed=method == "chainfed", cached=method == "chainfed", folder=tmp_path / "store")
@@ -231,12 +232,3 @@ def test_a_tied_lm_head_counts_as_the_untied_copy_the_runs_hold():
     assert tied.tie_word_embeddings                                  # the caller's config is left as it was
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_deployed_decoder_estimate_follows_the_meter(family, tmp_path):
-    config = tiny_config(family, num_layers=4, hidden=64)
-    for method, window in [("full_adapters", 1), ("chainfed", 2)]:      # chainfed streamed and cached, as deployed
-        report = measure_peak(config, method, window, batch_size=8, seq_len=32, bottleneck=16,
-                              streamed=method == "chainfed", cached=method == "chainfed", folder=tmp_path / "store")
-        estimate = client_peak_bytes(config, method, window, batch_size=8, seq_len=32, bottleneck=16)
-        assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
-        assert abs(estimate.frozen_weights / report.breakdown["frozen_weights"] - 1) <= 0.01
