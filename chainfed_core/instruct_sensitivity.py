@@ -142,9 +142,6 @@ def outcome(config: RunConfig, root: str | Path, evals: dict, *, run_missing: bo
     import json
 
     from .assets import AssetError
-    from .experiments import ensure_run
-    from .federated import run
-    from .instruct_runs import build_instruct_task
     from .records import RECORD_FILE
 
     path = Path(root) / config_hash(config) / RECORD_FILE
@@ -153,10 +150,8 @@ def outcome(config: RunConfig, root: str | Path, evals: dict, *, run_missing: bo
     if path.exists() and not scored(found := json.loads(path.read_text()), evals):
         raise ValueError(f"{path} scored {found.get('final_eval', {}).get('evals')}, this profile asks for "
                          f"{evals}; remove its folder to rerun it")
-    runner = lambda cfg, folder, progress: run(cfg, folder, progress=progress,  # noqa: E731
-                                               task=build_instruct_task(cfg, evals))
     try:
-        record = ensure_run(config, root, runner=runner, progress=progress)
+        record = it.ensure_instruct(config, root, evals, progress=progress)
     except AssetError as err:
         return {"status": NOT_RUN, "reason": f"AssetError: {err}", "record": None}
     return {"status": record.get("status", "done"), "reason": record.get("reason", ""), "record": record}

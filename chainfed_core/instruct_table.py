@@ -74,22 +74,27 @@ def run_config(profile_name: str, variant: str, seed: int = 0) -> RunConfig:
                 "memory_aware": False, "memory_scale": 1e12}})
 
 
-def run_variant(profile_name: str, variant: str, root, *, progress: bool = True) -> dict:
-    """The record of one variant under ``root`` (``results/runs/<profile>``): reused if there, else
-    run; a suite the profile asks for and a finished record lacks is scored on the run's final
-    model, rebuilt from its checkpoint (:func:`chainfed_core.instruct_state.add_missing_suites`)."""
+def ensure_instruct(cfg: RunConfig, root, evals: dict[str, int | None], *, progress: bool = True) -> dict:
+    """The record of an instruction-tuning config under ``root``: reused if there, else run (its
+    final evaluation scoring ``evals``); a suite of ``evals`` a finished record lacks is scored on
+    the run's final model, rebuilt from its checkpoint
+    (:func:`chainfed_core.instruct_state.add_missing_suites`)."""
     from pathlib import Path
 
     from .experiments import config_hash, ensure_run
     from .federated import run
     from .instruct_state import add_missing_suites
 
-    evals = profile(profile_name)["evals"]
-    cfg = run_config(profile_name, variant)
     runner = lambda cfg, folder, progress: run(cfg, folder, progress=progress,  # noqa: E731
                                                task=build_instruct_task(cfg, evals))
     record = ensure_run(cfg, root, runner=runner, progress=progress)
     return add_missing_suites(cfg, Path(root) / config_hash(cfg), record, evals)
+
+
+def run_variant(profile_name: str, variant: str, root, *, progress: bool = True) -> dict:
+    """The record of one variant under ``root`` (``results/runs/<profile>``): :func:`ensure_instruct`
+    of its config and the profile's suites."""
+    return ensure_instruct(run_config(profile_name, variant), root, profile(profile_name)["evals"], progress=progress)
 
 
 def _percent(suite: dict | None, key: str) -> float:
