@@ -50,11 +50,13 @@ def final_backbone(cfg: RunConfig, folder, task):
 
 
 def score_final_state(cfg: RunConfig, folder, evals: dict[str, int | None]) -> dict:
-    """:func:`chainfed_core.instruct_runs.final_evaluation` of ``evals`` on the run's rebuilt final model."""
+    """:func:`chainfed_core.instruct_runs.final_evaluation` of ``evals`` on the run's rebuilt final
+    model, on the run's device (``train.device``), as the run's own final evaluation is."""
+    from .backbone import resolve_device
     from .instruct_runs import build_instruct_task
 
     task = build_instruct_task(cfg, evals)
-    backbone = final_backbone(cfg, folder, task)
+    backbone = final_backbone(cfg, folder, task).to(resolve_device(cfg.train.device))
     return task.final_eval(backbone)
 
 

@@ -39,7 +39,8 @@ Prompt = Callable[[MCQuestion], tuple[str, list[str]]]
 
 
 def _logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) next-token logits of a Hugging Face causal LM or a causal-LM Backbone."""
+    """(B, T, V) next-token logits of a Hugging Face causal LM or a causal-LM Backbone, on the
+    model's device (``.device`` of either: the inputs are made there)."""
     if isinstance(model, Backbone):
         return model.forward({"input_ids": input_ids, "attention_mask": attention_mask})
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -64,20 +65,20 @@ def choice_loglikelihoods(model, tokenizer, context: str, continuations: Sequenc
     """
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     if all(len(cont) == 1 and ctx == pairs[0][0] for ctx, cont in pairs):
-        ids = torch.as_tensor([pairs[0][0]])                                 # (1, T)
+        ids = torch.as_tensor([pairs[0][0]], device=model.device)           # (1, T)
         logprobs = F.log_softmax(_logits(model, ids, torch.ones_like(ids))[0, -1].float(), dim=-1)   # (V,)
         return [float(logprobs[cont[0]]) for _, cont in pairs]
     inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]              # the last token is predicted, not read
     longest = max(len(x) for x in inputs)
-    ids = torch.zeros((len(inputs), longest), dtype=torch.long)       # (C, T), right-padded
+    ids = torch.zeros((len(inputs), longest), dtype=torch.long, device=model.device)   # (C, T), right-padded
     mask = torch.zeros_like(ids)
     for row, x in enumerate(inputs):
-        ids[row, :len(x)], mask[row, :len(x)] = torch.as_tensor(x), 1
+        ids[row, :len(x)], mask[row, :len(x)] = torch.as_tensor(x, device=model.device), 1
     logprobs = F.log_softmax(_logits(model, ids, mask).float(), dim=-1)   # (C, T, V)
     scores = []
     for row, (ctx, cont) in enumerate(pairs):
         start = len(ctx) - 1                                          # position predicting cont[0]
-        targets = torch.as_tensor(cont).unsqueeze(1)                  # (n, 1)
+        targets = torch.as_tensor(cont, device=logprobs.device).unsqueeze(1)   # (n, 1)
         scores.append(float(logprobs[row, start:start + len(cont)].gather(1, targets).sum()))
     return scores
 
@@ -166,7 +167,7 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, *, 
     """Greedy continuation of ``prompt`` up to the end token or ``max_new_tokens`` (and, with
     ``stop_at_newline``, the first newline: a short answer's end), stripped. Each step runs the
     whole sequence again (a Backbone with adapters has no key-value cache)."""
-    ids = torch.as_tensor([tokenizer(prompt)["input_ids"]])                   # (1, T)
+    ids = torch.as_tensor([tokenizer(prompt)["input_ids"]], device=model.device)   # (1, T)
     new: list[int] = []
     for _ in range(max_new_tokens):
         token = int(_logits(model, ids, torch.ones_like(ids))[0, -1].argmax())
@@ -175,6 +176,6 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, *, 
         new.append(token)
         if stop_at_newline and "\n" in tokenizer.decode(new):
             break
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)                 # (1, T + 1)
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)   # (1, T + 1)
     text = tokenizer.decode(new)
     return (text.split("\n")[0] if stop_at_newline else text).strip()

@@ -171,3 +171,29 @@ def test_the_audit_catches_a_misplaced_tensor(monkeypatch):
     with torch.device("meta"):
         audit.pre_hook(layer, (torch.empty(1, 2),), {})
     assert audit.problems == ["Linear ran with a tensor on meta, not cpu"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_instruction_run_and_its_benchmarks_follow_the_device(device, tmp_path, monkeypatch, one_thread):
+    """Table 3's quick ChainFed run under the audit, its final evaluation included: the scorers'
+    one-pass letters, multi-token choices and greedy answers make their tensors on the model's device."""
+    from chainfed_core import instruct_runs, instruct_table, llm_eval
+
+    def probe(backbone, tokenizer, limit):
+        letters = llm_eval.choice_loglikelihoods(backbone, tokenizer, "Answer:", ["A", "B"])   # one token each
+        words = llm_eval.choice_loglikelihoods(backbone, tokenizer, "Answer:", [" yes", " no"])
+        return {"n": 4, "logliks": letters + words, "answer": llm_eval.generate_answer(backbone, tokenizer, "Say:", 3)}
+
+    records = [{"instruction": f"Add {a} and 3.", "input": "", "output": f"It is {a + 3}."} for a in range(24)]
+    monkeypatch.setattr(instruct_runs, "alpaca_records", lambda asset: records)
+    monkeypatch.setitem(instruct_runs.SCORERS, "mmlu", probe)
+    cfg = instruct_table.run_config("quick", "ChainFed W=2").to_dict()
+    cfg["train"]["device"], cfg["fed"]["rounds"] = device, 1
+    cfg = RunConfig.from_dict(cfg)
+    with audited(monkeypatch, resolve_device(device)) as audit:
+        monkeypatch.setattr(instruct_runs, "final_evaluation", audit.scoped(instruct_runs.final_evaluation))
+        record = run(cfg, tmp_path, progress=False, task=instruct_runs.build_instruct_task(cfg, {"mmlu": 4}))
+    assert len(record["final_eval"]["mmlu"]["logliks"]) == 4 and audit.batches_seen > 0 and audit.modules_seen > 0
+    assert not audit.problems, "\n".join(dict.fromkeys(audit.problems))
+    assert instruct_table.run_config("gpu-full", "ChainFed W=2").train.device == "cuda"
+    assert "device" not in instruct_table.run_config("cpu", "ChainFed W=2").to_dict()["train"]   # hashes kept
