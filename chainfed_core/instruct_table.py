@@ -59,6 +59,12 @@ def profile(name: str) -> dict[str, Any]:
     return dict(PROFILES[name])
 
 
+def canonical(name: str) -> str:
+    """The profile ``name`` stands for, whose records it shares: 'cpu-full' is 'cpu'."""
+    profile(name)
+    return next(k for k, v in PROFILES.items() if v is PROFILES[name])
+
+
 def run_config(profile_name: str, variant: str, seed: int = 0) -> RunConfig:
     """The RunConfig of one Table 3 variant at a profile (every device holds every method: the
     clients sampled each round are the same for all of them)."""

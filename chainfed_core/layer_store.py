@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from .backbone import Backbone, from_model
+from .families import detect_family
 from .memory_meter import tagged
 from .model_parts import build_model, head_is_frozen, hf_config, part_tensors, shard_key
 from .records import atomic_write_bytes
@@ -156,7 +157,7 @@ def write_random_store(config, folder: str | os.PathLike, dtype: torch.dtype = t
     :func:`~chainfed_core.backbone.load_backbone`'s, a causal LM's frozen head (final norm,
     LM head) takes ``dtype`` like the layers. ``pooling`` is the classifier's (``cls`` or ``mean``).
     """
-    family = config.model_type
+    family = detect_family(config)
     torch.manual_seed(seed)
     shallow = copy.deepcopy(config)
     _set_depth(shallow, 0)

@@ -212,7 +212,7 @@ def test_kill_9_and_restart_is_bitwise_identical(tmp_path):
 
 
 # ---------------------------------------------------------------- memory
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "gemma3"])       # gemma3: model_type gemma3_text
 def test_memory_estimate_within_ten_percent_of_the_meter(family):
     L, B, T = 6, 8, 32
     bb = tiny_backbone(family, num_layers=L, hidden=64)

@@ -177,6 +177,7 @@ def test_table3_configs_rows_memory_and_the_claim():
     c = cfgs["Full Adapters"]
     assert (c.data.num_clients, c.fed.clients_per_round, c.train.local_steps, c.train.optimizer) == (20, 2, 10, "adamw")
     assert it.run_config("cpu-full", "No-FT") == cfgs["No-FT"]
+    assert it.canonical("cpu-full") == "cpu" and it.canonical("gpu-full") == "gpu-full"
     record = {"history": [{"test_loss": 2.0, "seconds_train": 3.0}], "start_layer": 2, "window": 2, "wall_s": 9.0,
               "final_eval": {"mmlu": {"subject_average": 0.3, "micro_accuracy": 0.25, "seconds": 4.0},
                              "crass": {"micro_accuracy": 0.5, "seconds": 1.0}}}

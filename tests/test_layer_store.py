@@ -92,6 +92,8 @@ def test_llama_store_keeps_its_frozen_head_in_the_store_dtype(tmp_path):
     bert = LayerStore(tmp_path / "bert").load("head")
     assert {t.dtype for t in llama.values()} == {torch.bfloat16}               # norm + LM head, frozen
     assert {t.dtype for t in bert.values()} == {torch.float32}                 # a classifier trains
+    gemma3 = tiny_config("gemma3", num_layers=1, hidden=32)                 # model_type gemma3_text, family gemma3
+    assert write_random_store(gemma3, tmp_path / "gemma3", dtype=torch.bfloat16).family == "gemma3"
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

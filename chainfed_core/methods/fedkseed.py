@@ -346,11 +346,13 @@ class FedKSeed(Method):
         forward's activations and the largest tuned tensor's transient z."""
         import torch
         from ..memory_model import MemoryEstimate, part_sizes, peak_training_bytes
+        from ..families import SPECS, detect_family
         from ..model_parts import build_model, hf_config as as_hf_config
 
         forward = peak_training_bytes(hf_config, "no_ft", 1, batch_size, seq_len, dtype)
         sizes, wb = part_sizes(hf_config), torch.finfo(getattr(torch, dtype)).bits // 8
-        head = 0 if hf_config.model_type == "llama" else sizes["head"] * 4    # an LM head stays frozen
+        lm_head = SPECS[detect_family(as_hf_config(hf_config))].causal_lm
+        head = 0 if lm_head else sizes["head"] * 4                             # an LM head stays frozen
         tuned = sizes["num_layers"] * sizes["layer"] * wb + head
         largest_z = _largest_layer_tensor(as_hf_config(hf_config), build_model) * wb
         weights = forward.frozen_weights + forward.trainable
@@ -364,7 +366,10 @@ def _largest_layer_tensor(config, build_model) -> int:
     import torch
     from ..backbone import from_model
 
+    from ..families import detect_family
+
+    family = detect_family(config)
     with torch.device("meta"):
-        model = build_model(config, config.model_type)
-    layers = from_model(model, config.model_type).layers
+        model = build_model(config, family)
+    layers = from_model(model, family).layers
     return max(p.numel() for p in layers[0].parameters())

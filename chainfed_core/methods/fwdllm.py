@@ -293,6 +293,7 @@ class FwdLLM(Method):
         and the perturbation; at the widest point of a step either the forward's activations or
         the candidate pool of the largest tensor (``candidates`` of the default options) are live."""
         from ..backbone import from_model
+        from ..families import detect_family
         from ..memory_model import MemoryEstimate, peak_training_bytes
         from ..model_parts import build_model, hf_config as to_hf_config
 
@@ -301,9 +302,10 @@ class FwdLLM(Method):
         inference = peak_training_bytes(hf_config, "no_ft", 1, batch_size=batch_size, seq_len=seq_len,
                                         dtype=dtype, bottleneck=bottleneck)
         config = to_hf_config(hf_config)
+        family = detect_family(config)
         with torch.device("meta"):
-            model = build_model(config, config.model_type)
-        backbone = from_model(model, config.model_type)
+            model = build_model(config, family)
+        backbone = from_model(model, family)
         hidden, layers = backbone.hidden_size, backbone.num_layers
         adapter = 2 * hidden * bottleneck + hidden + bottleneck
         head = [p.numel() for p in backbone.head_parameters().values()]       # none for an LM head
