@@ -41,7 +41,8 @@ reproduce-quickstart: assets
 report: assets
 	$(PY) scripts/run_batch.py --profile $(PROFILE)
 
-# The gpu profile on one GPU (scripts/gpu_profile.py): every Table 1, 2, 4 and Figure 8, 9 run by 12
+# The gpu profile on one GPU (scripts/gpu_profile.py): every Table 1, 2, 4, Figure 8, 9 run and the
+# instruction-tuning notebooks' (Table 3, Figures 10, 11, App. F.2) by 12
 # worker processes within 600 s in all, then the notebooks on the records (reports/report_gpu-full.html);
 # what the budget leaves undone is resumable: the same command continues. GPU_ARGS=--dry-run: the plan
 # and its time estimate; GPU_ARGS="--tiny --workers 2": the same pipeline on the quick profile (CPU).

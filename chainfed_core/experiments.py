@@ -83,13 +83,16 @@ def variant(v: str | Variant) -> Variant:
 # ---------------------------------------------------------------------- the grid
 @dataclass
 class Run:
-    """One cell of a grid: its labels and its full config."""
+    """One cell of a grid: its labels and its full config; ``evals``: the suites (name -> questions)
+    an instruction-tuning run's final evaluation scores (:func:`chainfed_core.instruct_table.ensure_instruct`),
+    None for a classification run."""
     variant: str
     model: str
     dataset: str
     partition: str
     seed: int
     config: RunConfig
+    evals: dict | None = None
 
     @property
     def run_id(self) -> str:

@@ -81,9 +81,11 @@ def run_config(profile_name: str, variant: str, seed: int = 0) -> RunConfig:
                 "memory_aware": False, "memory_scale": 1e12}})
 
 
-def ensure_instruct(cfg: RunConfig, root, evals: dict[str, int | None], *, progress: bool = True) -> dict:
+def ensure_instruct(cfg: RunConfig, root, evals: dict[str, int | None], *, progress: bool = True,
+                    deadline: float | None = None) -> dict:
     """The record of an instruction-tuning config under ``root``: reused if there, else run (its
-    final evaluation scoring ``evals``); a suite of ``evals`` a finished record lacks is scored on
+    final evaluation scoring ``evals``; no round starts after ``deadline``, a ``time.time()``, as in
+    :func:`chainfed_core.federated.run`); a suite of ``evals`` a finished record lacks is scored on
     the run's final model, rebuilt from its checkpoint
     (:func:`chainfed_core.instruct_state.add_missing_suites`)."""
     from pathlib import Path
@@ -92,7 +94,7 @@ def ensure_instruct(cfg: RunConfig, root, evals: dict[str, int | None], *, progr
     from .federated import run
     from .instruct_state import add_missing_suites
 
-    runner = lambda cfg, folder, progress: run(cfg, folder, progress=progress,  # noqa: E731
+    runner = lambda cfg, folder, progress: run(cfg, folder, progress=progress, deadline=deadline,  # noqa: E731
                                                task=build_instruct_task(cfg, evals))
     record = ensure_run(cfg, root, runner=runner, progress=progress)
     return add_missing_suites(cfg, Path(root) / config_hash(cfg), record, evals)

@@ -1,5 +1,6 @@
-"""The gpu profile in one command: every run of Tables 1, 2, 4 and Figures 8, 9 on one GPU by
-parallel worker processes, within a wall-time budget, then the notebooks rendered on the records.
+"""The gpu profile in one command: every run of Tables 1, 2, 4 and Figures 8, 9, and of the
+instruction-tuning notebooks (Table 3, Figures 10, 11, Appendix F.2), on one GPU by parallel
+worker processes, within a wall-time budget, then the notebooks rendered on the records.
 
     .venv/bin/python scripts/gpu_profile.py --dry-run            # the plan, what is recorded, the time estimate
     .venv/bin/python scripts/gpu_profile.py                      # make gpu: 12 workers, 600 s in all
@@ -7,7 +8,7 @@ parallel worker processes, within a wall-time budget, then the notebooks rendere
     .venv/bin/python scripts/gpu_profile.py --out "$OUT"         # also pack what it wrote into $OUT
 
 1. Plan: the runs each artefact's notebook asks for with its default parameters (:data:`ARTEFACTS`
-   follows their grids; after rendering the script checks that the notebooks trained nothing
+   follows their grids, :data:`INSTRUCT` the instruction-tuning notebooks' configs; after rendering the script checks that the notebooks trained nothing
    the plan missed), each run once, seed by seed and MiniLM before MPNet within a seed, ChainFed
    and Full Adapters first: a batch stopped early holds whole seeds of the comparison that matters.
 2. Runs: ``--workers`` processes (spawned where they use CUDA, which a fork cannot) share the one GPU, ``--threads`` torch
@@ -81,6 +82,34 @@ ARTEFACTS = {
                                       for head in ["shared", "stage"] for lam in [0.0, 0.1, 0.2, 0.5, 1.0]],
                                      _ablation(p)),
 }
+
+
+def _instruct_runs(pairs, evals: dict) -> list[ex.Run]:
+    """Instruction-tuning configs as grid runs that carry the suites their final evaluation scores."""
+    return [ex.Run(label, cfg.model.name, cfg.data.dataset, "iid", cfg.seed, cfg, evals) for label, cfg in pairs]
+
+
+def _table3(profile: str) -> list[ex.Run]:
+    from chainfed_core import instruct_table as it
+    return _instruct_runs([(v, it.run_config(profile, v)) for v in it.VARIANTS], it.profile(profile)["evals"])
+
+
+def _fig10(profile: str) -> list[ex.Run]:
+    from chainfed_core import instruct_sensitivity as sens
+    pairs = [(f"ChainFed W=2, {k}={labels[k]}", cfg) for k in sens.SWEEPS for labels, cfg in sens.sweep_runs(profile, k)]
+    return _instruct_runs(pairs, sens.profile(profile)["evals"])
+
+
+def _f2(profile: str) -> list[ex.Run]:
+    from chainfed_core import instruct_sensitivity as sens
+    pairs = [(f"{labels['variant']} on {labels['decoder']}", cfg) for labels, cfg in sens.f2_runs(profile)]
+    return _instruct_runs(pairs, sens.profile(profile)["evals"])
+
+
+# The instruction-tuning notebooks' runs (their profiles have the classification profiles' names),
+# Table 3's first: Figure 10's shared point and Figure 11's answers are its records.
+INSTRUCT = {"table3_instruction_tuning": _table3, "fig11_case_study": _table3, "fig10_llm_sensitivity": _fig10,
+            "appF2_generalization": _f2}
 CLAIMS = "claims"
 
 
@@ -89,14 +118,17 @@ def plan(profile: str, artefacts: list[str]) -> tuple[list[ex.Run], dict[str, li
     p = ex.profile(profile)
     by_artefact = {}
     for name in artefacts:
+        if name in INSTRUCT:
+            by_artefact[name] = INSTRUCT[name](profile)
+            continue
         variants, kwargs = ARTEFACTS[name](p)
         by_artefact[name] = ex.grid(profile, variants, **kwargs)
-    models = {m: i for i, m in enumerate(p["models"])}
+    models = {m: i for i, m in enumerate(p["models"])}         # the decoders after the encoders
     ordered, seen = [], set()
     for position, (a, r) in enumerate((a, r) for a, runs in enumerate(by_artefact.values()) for r in runs):
         if r.run_id not in seen:
             seen.add(r.run_id)
-            ordered.append(((r.seed, models[r.model], a, position), r))
+            ordered.append(((r.seed, models.get(r.model, len(models)), a, position), r))
     return [r for _, r in sorted(ordered, key=lambda item: item[0])], by_artefact
 
 
@@ -209,6 +241,11 @@ def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
         print(f"estimate: no {COST_RECORD.relative_to(REPO)} (run benchmarks/gpu_step_cost.py)")
         return
     cost = json.loads(COST_RECORD.read_text())
+    instruct = [r for r in runs if r.evals is not None]
+    if instruct:
+        print(f"estimate: {len(instruct)} instruction-tuning runs not estimated (the cost record measures the "
+              "encoders' steps; instruct_cost's records measure the decoders' on the CPU)")
+        runs = [r for r in runs if r.evals is None]
     missing = sorted({r.model for r in runs} - set(cost["models"])) + sorted({r.dataset for r in runs} - set(cost["datasets"]))
     if missing:
         print(f"estimate: the cost record has no {missing}")
@@ -248,7 +285,8 @@ def preflight(profile: str, runs: list[ex.Run]) -> str | None:
         return (f"profile {profile}: train.device 'cuda', but torch {torch.__version__} sees no CUDA device here; "
                 "--tiny runs the same pipeline on the CPU")
     for name in sorted({r.model for r in runs if not r.model.startswith("tiny")}
-                       | {r.dataset for r in runs if r.dataset != "synthetic"}):
+                       | {r.dataset for r in runs if r.dataset != "synthetic" and r.evals is None}
+                       | ({"alpaca-en-demo"} if any(r.evals is not None for r in runs) else set())):
         try:
             fetch(name)
         except AssetError as err:
@@ -316,8 +354,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help=f"the {TINY} profile instead: tiny model, synthetic data, CPU")
     parser.add_argument("--profile", default="gpu-full", choices=list(ex.PROFILES))
-    parser.add_argument("--notebooks", nargs="+", default=list(ARTEFACTS), choices=list(ARTEFACTS),
-                        help="the artefacts to run and render (default: all five)")
+    parser.add_argument("--notebooks", nargs="+", default=[*ARTEFACTS, *INSTRUCT], choices=[*ARTEFACTS, *INSTRUCT],
+                        help="the artefacts to run and render (default: all nine)")
     parser.add_argument("--models", nargs="+", help="run only these models' runs (rendering still needs every run)")
     parser.add_argument("--datasets", nargs="+", help="run only these data sets' runs")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds' runs")

@@ -71,7 +71,11 @@ def _one(run: ex.Run, root: str, threads: int, deadline: float | None = None,
         previous = signal.signal(signal.SIGALRM, _out_of_time)
         signal.setitimer(signal.ITIMER_REAL, max(0.1, hard_deadline - time.time()))
     try:
-        record = ex.ensure_run(run.config, root, runner=runner, progress=False)
+        if run.evals is None:
+            record = ex.ensure_run(run.config, root, runner=runner, progress=False)
+        else:                                       # instruction tuning: its task and final evaluation
+            from chainfed_core.instruct_table import ensure_instruct
+            record = ensure_instruct(run.config, root, run.evals, progress=False, deadline=deadline)
     except OutOfTime:
         return run.run_id, time.perf_counter() - started, "interrupted"
     except Exception:

@@ -150,3 +150,36 @@ def test_a_round_going_at_the_hard_deadline_is_abandoned_and_the_run_resumes_bit
     assert status == "interrupted" and not (tmp_path / "a" / cell.run_id / RECORD_FILE).exists()
     resumed = ex.ensure_run(cell.config, tmp_path / "a")
     assert without_timing(resumed["history"]) == without_timing(whole["history"])
+
+
+def test_the_plan_holds_the_instruction_tuning_notebooks_runs_with_their_suites():
+    """Table 3's, Figure 10's and App. F.2's runs are the configs their notebooks ask for, each once
+    (Figure 10's shared point and F.2's SmolLM2 runs are Table 3's), with the suites each scores."""
+    from chainfed_core import instruct_sensitivity as sens
+    from chainfed_core import instruct_table as it
+
+    gp = load_script()
+    names = ["table3_instruction_tuning", "fig11_case_study", "fig10_llm_sensitivity", "appF2_generalization"]
+    runs, by_artefact = gp.plan("quick", names)
+    table3 = {ex.config_hash(it.run_config("quick", v)) for v in it.VARIANTS}
+    assert {r.run_id for r in by_artefact["table3_instruction_tuning"]} == table3
+    assert {r.run_id for r in by_artefact["fig11_case_study"]} == table3
+    fig10 = {ex.config_hash(c) for k in sens.SWEEPS for _, c in sens.sweep_runs("quick", k)}
+    f2 = {ex.config_hash(c) for _, c in sens.f2_runs("quick")}
+    assert {r.run_id for r in by_artefact["fig10_llm_sensitivity"]} == fig10 and len(fig10) == 5   # λ, τ share 0.2/0.8
+    assert {r.run_id for r in by_artefact["appF2_generalization"]} == f2 and len(f2) == 6
+    assert len(runs) == len(table3 | fig10 | f2) == 5 + 4 + 4          # the shared point and SmolLM2's F.2 runs once
+    assert all(r.evals == it.profile("quick")["evals"] for r in runs if r.run_id in table3)
+    assert all(r.evals == sens.profile("quick")["evals"] and r.dataset == "alpaca" for r in runs)
+
+
+def test_a_worker_runs_an_instruction_run_and_scores_its_suites(tmp_path, one_thread):
+    spec = importlib.util.spec_from_file_location("run_profile", ROOT / "scripts" / "run_profile.py")
+    run_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_profile)
+    gp = load_script()
+    cell = next(r for r in gp.plan("quick", ["table3_instruction_tuning"])[0] if r.variant == "Full Adapters")
+    run_id, _, status = run_profile._one(cell, str(tmp_path), 1)
+    record = json.loads((tmp_path / run_id / RECORD_FILE).read_text())
+    assert status == "complete" and record["final_eval"]["evals"] == cell.evals == {"mmlu": 8}
+    assert record["final_eval"]["mmlu"]["n"] == 8
