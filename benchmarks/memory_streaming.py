@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -207,7 +208,11 @@ def main() -> None:
     write_random_store(config, store, dtype=torch.bfloat16)
     record["notes"]["llama_store"] = {"layers": llama_layers, "write_seconds": time.perf_counter() - t0,
                                       "bytes": sum(LayerStore(store).nbytes(k) for k in LayerStore(store).manifest["shards"])}
-    rss = measure_rss("benchmarks.memory_streaming:llama_streamed_step",
+    # the child imports this file as a top-level module from its folder: opacus installs a regular
+    # package named ``benchmarks``, which wins over this folder (a namespace package) on sys.path
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    rss = measure_rss("memory_streaming:llama_streamed_step",
                       {"store": str(store), "window": 2, "seq_len": args.seq_len}, threads=2)
     record["llama_rss"] = rss
     print(f"LLaMA2-7B-width ({llama_layers} layers, {record['notes']['llama_store']['bytes'] / 2**30:.1f} GiB store) "

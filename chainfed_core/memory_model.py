@@ -13,7 +13,12 @@ is frozen, so linear probing a decoder trains nothing and its peak is the weight
 to the token embeddings counts as the frozen copy of its own that the runs give it. What
 differs between families (causal LM or classifier, RMSNorm-gated or LayerNorm layers, Gemma's
 extra norms, fused projections, masks per attention type, rotary tables, eager attention) is
-read from the config as :class:`FamilyTraits`; tests/test_memory.py meters every family. The
+read from the config as :class:`FamilyTraits`; tests/test_memory.py meters every family. A
+causal LM's loss holds, per branch (GPO's global branch is a second), the logits and their
+log-softmax, and its backward two logits-sized gradients: where the vocabulary is large
+(49,152 tokens on SmolLM2's 576 wide states) these tensors are most of a step's activations.
+The backward's peak is at the loss or later at a layer, not both at once (FFT, whose layers'
+weight gradients form from the loss's backward on, counts both). The
 gradients of a step are freed only after the next step's forward, so gradients, optimizer
 state and activations are live together. The model covers tensor bytes, as
 :class:`~chainfed_core.memory_meter.MemoryMeter` counts them; the process adds the runtime
@@ -195,6 +200,8 @@ def peak_training_bytes(model_config_like, method: str,
     else:
         acts = _training_activation_bytes(method, traits, d, L, window, window_start, batch_size, seq_len,
                                           bottleneck, cb, gpo)
+        if cached and cache_bytes:
+            acts -= batch_size * seq_len * d["H"] * cb       # the window's input is the cache's batch, counted there
     return MemoryEstimate(**weights, activations=int(acts), cache=int(cache_bytes if cached else 0),
                           notes={"family": traits.family, "num_layers": L, "window": window, "method": method,
                                  "streamed": streamed, "cached": cached, "batch_size": batch_size,
@@ -264,17 +271,19 @@ def _training_activation_bytes(method: str, t: FamilyTraits, d: dict[str, int], 
     subsequent = 0 if method != "chainfed" or not gpo else max(L - window_start - window, 0)
     saved += subsequent * r                                  # global branch through later frozen adapters
     acts = B * T * saved * cb + _mask_bytes(t, d, B, T, cb)
-    if t.causal_lm:
-        branches = 2 if subsequent else 1
-        acts += B * T * (H + 1) * 4 * branches               # final RMSNorm input and rstd
-        acts += B * T * d["V"] * (cb + 4 * branches)         # logits, and the log-softmax of each branch
-        if t.logit_cap:
-            acts += B * T * d["V"] * cb * branches           # the capped logits (tanh saves its output)
-        acts += t.rotary_sets * 2 * T * d["head_dim"] * cb   # rotary cos / sin (one pair per table)
-    else:
-        acts += B * H * 4 * 4                                # pooled features and their gradients
     acts += B * T * H * cb * 2                               # window input and the layer output in flight
-    acts += B * T * (d["I"] + 3 * H) * cb                    # one layer's backward working set
+    layer_backward = B * T * (d["I"] + 3 * H) * cb           # one layer's backward working set
+    if not t.causal_lm:
+        return acts + B * H * 4 * 4 + layer_backward         # pooled features and their gradients
+    acts += t.rotary_sets * 2 * T * d["head_dim"] * cb       # rotary cos / sin (one pair per table)
+    branches, V = (2 if subsequent else 1), d["V"]
+    acts += B * T * (H + 1) * 4 * branches                   # final RMSNorm input and rstd
+    head = B * T * V * ((cb + 4) + (cb if t.logit_cap else 0)) * branches   # logits, log-softmax (capped logits)
+    head_backward = B * (T - 1) * V * (4 + cb)               # the loss's backward: log-softmax and logits gradients
+    if method == "fft":          # its layers' weight gradients form from the loss's backward on: both sets counted
+        return acts + head + head_backward + layer_backward
+    # the backward's peak: at the loss, or later at a layer, the local logits (returned with the loss) still held
+    return acts + max(head + head_backward, B * T * V * cb + layer_backward)
     return acts
 
 

@@ -203,6 +203,24 @@ def test_analytic_model_of_every_decoder_family_within_ten_percent_of_meter(fami
         assert estimate.frozen_weights == report.breakdown["frozen_weights"]   # the LM head is frozen
 
 
+@pytest.mark.parametrize("method,window,start", [("full_adapters", 6, 0), ("chainfed", 2, 1), ("chainfed", 2, 4),
+                                                 ("fft", 1, 0)])
+def test_the_lm_losss_logits_tensors_are_counted_where_they_dominate(method, window, start):
+    # a vocabulary of 16,384 on a hidden size of 64: the logits-sized tensors are most of the peak. One branch
+    # holds four at the backward's start (logits, log-softmax, their gradients), GPO's two branches six
+    L, B, T, V = 6, 4, 32, 16384
+    bb = tiny_backbone("llama", num_layers=L, hidden=64)
+    bb.model.resize_token_embeddings(V)
+    if method != "fft":
+        bb.add_adapters(AdapterConfig(bottleneck=16))
+    data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
+    stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
+    report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2), TrainConfig(batch_size=B, local_steps=2))
+    estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+    assert bb.config.vocab_size == V and report.breakdown["activations"] > 4 * B * T * V * 4 * 0.9
+    assert abs(estimate.total / report.peak_bytes - 1) <= 0.03, (estimate.total, report.peak_bytes)
+
+
 def test_family_traits_are_read_from_the_config():
     from chainfed_core.memory_model import family_traits
 
