@@ -57,7 +57,7 @@ def measured_peak(run: ex.Run, backbone, server: Server, folder: Path) -> int:
     cfg = run.config
     batch, seq = cfg.train.batch_size, cfg.model.max_length
     if cfg.method == "chainfed":                  # as deployed: streamed, cached
-        return measure_peak(ex._hf_config(cfg.model.name), "chainfed", server.window, batch_size=batch, seq_len=seq,
+        return measure_peak(ex.model_config(cfg.model.name), "chainfed", server.window, batch_size=batch, seq_len=seq,
                             bottleneck=cfg.adapter.bottleneck, streamed=True, cached=True,
                             folder=folder / cfg.model.name).peak_bytes
     method = server.method

@@ -121,10 +121,10 @@ def measured_step(store: str, method: str, step: dict) -> dict:
 
 def estimates(name: str, step: dict) -> dict:
     """The memory model's estimate of both steps, as Table 3 prices them (client_peak_bytes)."""
-    from chainfed_core.experiments import _hf_config
+    from chainfed_core.experiments import model_config
     from chainfed_core.memory_model import client_peak_bytes
 
-    config = _hf_config(name)
+    config = model_config(name)
     kw = dict(batch_size=step["batch_size"], seq_len=step["seq_len"], bottleneck=step["bottleneck"],
               optimizer=step["optimizer"])
     return {"full_adapters": client_peak_bytes(config, "full_adapters", 1, **kw).to_dict(),

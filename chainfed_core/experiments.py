@@ -124,7 +124,7 @@ def num_layers(model_name: str) -> int:
     if model_name.startswith("tiny"):
         from .task import tiny_spec
         return tiny_spec(model_name)["num_layers"]
-    return int(_hf_config(model_name).num_hidden_layers)
+    return int(model_config(model_name).num_hidden_layers)
 
 
 def grid(profile_name: str, variants: Iterable[str | Variant], *, models: Optional[list[str]] = None,
@@ -242,7 +242,8 @@ def summarise(run: Run, record: dict) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _hf_config(model_name: str, num_labels: int = 2):
+def model_config(model_name: str, num_labels: int = 2):
+    """The HF config of a model by its name (an asset, or a ``tiny-...`` model built from a config), cached."""
     if model_name.startswith("tiny"):
         from .task import tiny_spec
         from .tiny import tiny_config
@@ -264,7 +265,7 @@ def peak_memory_bytes(config: RunConfig, window: int | None = None) -> int:
 
     w = min(window or config.chain.window, num_layers(config.model.name))
     return get_method(config.method).peak_bytes(
-        _hf_config(config.model.name), w, batch_size=config.train.batch_size, seq_len=config.model.max_length,
+        model_config(config.model.name), w, batch_size=config.train.batch_size, seq_len=config.model.max_length,
         bottleneck=config.adapter.bottleneck, optimizer=config.train.optimizer, dtype=config.model.dtype).total
 
 

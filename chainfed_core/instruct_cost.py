@@ -56,11 +56,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 def decoder_config(name: str):
     """The HF config of a decoder: its asset's where catalogued, else :data:`SHAPES`."""
     from .asset_catalogue import AssetError
-    from .experiments import _hf_config
+    from .experiments import model_config
     from .model_parts import hf_config
 
     try:
-        return _hf_config(name), "asset"
+        return model_config(name), "asset"
     except AssetError:
         if name not in SHAPES:
             raise

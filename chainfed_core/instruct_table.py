@@ -132,12 +132,12 @@ def memory_reductions(profile_name: str) -> "Any":
     import pandas as pd
 
     from .bench import SHAPES
-    from .experiments import _hf_config
+    from .experiments import model_config
     from .memory_model import client_peak_bytes, peak_training_bytes
 
     p = profile(profile_name)
     models = {f"{p['model']} (ours, {p['batch_size']} x {p['max_length']}, fp32)":
-              (untied(_hf_config(p["model"])) if not p["model"].startswith("tiny") else None,
+              (untied(model_config(p["model"])) if not p["model"].startswith("tiny") else None,
                p["batch_size"], p["max_length"], "float32"),
               "LLaMA2-7B (16 x 512, bf16)": (SHAPES["llama2-7b"], 16, 512, "bfloat16"),
               "LLaMA3.1-8B (16 x 512, bf16)": (LLAMA31_8B, 16, 512, "bfloat16")}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from chainfed_core.backbone import from_model
-from chainfed_core.experiments import _hf_config
+from chainfed_core.experiments import model_config
 from chainfed_core.layer_store import save_layer_store
 from chainfed_core.model_parts import build_model
 
@@ -28,7 +28,7 @@ def _benchmark():
 
 def test_both_steps_are_metered_beside_the_estimate(tmp_path):
     bench = _benchmark()
-    config = _hf_config(NAME)
+    config = model_config(NAME)
     torch.manual_seed(0)
     store = save_layer_store(from_model(build_model(config, "llama"), "llama"), tmp_path / "store")
     res = {"store": {"result": {"vocab_size": config.vocab_size}}, "estimate": bench.estimates(NAME, STEP)}
