@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import filelock
+import torch
 
 from .config import RunConfig
 
@@ -91,3 +92,22 @@ def add_missing_suites(cfg: RunConfig, folder, record: dict, evals: dict[str, in
     finally:
         lock.release()
     return record
+
+
+@torch.no_grad()
+def layer_losses(backbone, dataset, pad_id: int = 0, batch_size: int = 8) -> list[float]:
+    """The response loss of ``dataset`` read after every layer through the model's frozen final
+    norm and LM head (what ChainFed's local loss minimises at a window ending there, and, while
+    the later adapters are the identity, its global branch too); the last entry is the model's
+    held-out loss, weighted over batches as :func:`chainfed_core.train.evaluate` weights it."""
+    from .train import batches
+
+    totals, count = [0.0] * backbone.num_layers, 0
+    for batch in batches(dataset, batch_size, shuffle=False, pad_id=pad_id, device=backbone.device):
+        hidden, ctx = backbone.embed(batch)
+        n = len(batch["input_ids"])
+        for i in range(backbone.num_layers):
+            hidden = backbone.run_layers([i], hidden, ctx)
+            totals[i] += float(backbone.head_loss(hidden, batch, ctx)[0]) * n
+        count += n
+    return [t / count for t in totals]

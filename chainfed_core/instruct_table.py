@@ -212,3 +212,23 @@ def claim(rows) -> str:
     verdict = (f"ChainFed >= Full Adapters holds here for {', '.join(held)}" if held
                else "ChainFed >= Full Adapters does not hold here for any W")
     return f"{verdict} (average over {suites}, %). " + "; ".join(parts) + "."
+
+
+EARLY_EXIT = "results/instruct/early_exit_{profile}.json"     # benchmarks/decoder_early_exit.py's record
+
+
+def early_exit(profile_name: str, repo=".."):
+    """The held-out response loss after every layer of each Table 3 run (layers x variants), from
+    ``benchmarks/decoder_early_exit.py``'s record of the profile; None where there is none."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(repo) / EARLY_EXIT.format(profile=canonical(profile_name))
+    if not path.exists():
+        return None
+    variants = json.loads(path.read_text())["variants"]
+    frame = pd.DataFrame({v: r["layer_loss"] for v, r in variants.items()})
+    frame.index = pd.RangeIndex(1, len(frame) + 1, name="after layer")
+    return frame

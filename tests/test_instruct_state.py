@@ -97,3 +97,17 @@ def test_no_ft_needs_no_checkpoint_and_a_trained_run_does(tmp_path, probes):
         else:
             with pytest.raises(FileNotFoundError, match=f"no checkpoint .* remove {folder} to rerun it"):
                 instruct_state.add_missing_suites(cfg, folder, record, {"mmlu": 1, "crass": 2})
+
+
+def test_the_loss_read_after_each_layer_ends_at_the_runs_held_out_loss(tmp_path):
+    """The early-exit diagnostic on a quick ChainFed run: one loss per layer, the last the record's
+    held-out loss (the same weighting as the run's evaluation); the notebook's reader says when
+    there is no record."""
+    cfg = instruct_table.run_config("quick", "ChainFed W=2")
+    record = run(cfg, tmp_path / config_hash(cfg), progress=False, task=instruct_runs.build_instruct_task(cfg, {}))
+    task = instruct_runs.build_instruct_task(cfg, {})
+    model = instruct_state.final_backbone(cfg, tmp_path / config_hash(cfg), task)
+    losses = instruct_state.layer_losses(model, task.test, task.pad_id)
+    assert len(losses) == model.num_layers
+    assert losses[-1] == pytest.approx(record["history"][-1]["test_loss"], rel=1e-6)
+    assert instruct_table.early_exit("quick", tmp_path) is None
