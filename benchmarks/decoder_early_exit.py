@@ -43,13 +43,15 @@ def measure(profile: str, root: Path) -> dict:
         cfg = it.run_config(profile, variant)
         folder = root / config_hash(cfg)
         if not (folder / RECORD_FILE).exists():
-            raise SystemExit(f"error: {variant}: no record {folder / RECORD_FILE}; run Table 3's notebook at {profile} first")
+            raise SystemExit(f"error: {variant}: no record {folder / RECORD_FILE}; "
+                             f"run Table 3's notebook at {profile} first")
         started = time.perf_counter()
         task = build_instruct_task(cfg, {})
         losses = layer_losses(final_backbone(cfg, folder, task), task.test, task.pad_id)
         recorded = json.loads((folder / RECORD_FILE).read_text())["history"][-1]["test_loss"]
         if not math.isclose(losses[-1], recorded, rel_tol=1e-4):
-            raise SystemExit(f"error: {variant}: the last layer's loss {losses[-1]:.5f} is not the record's {recorded:.5f}")
+            raise SystemExit(f"error: {variant}: the last layer's loss {losses[-1]:.5f} is not the "
+                             f"record's {recorded:.5f}")
         out[variant] = {"run_id": config_hash(cfg), "layer_loss": losses, "record_test_loss": recorded,
                         "seconds": time.perf_counter() - started}
         print(f"{variant:15s} " + " ".join(f"{x:.2f}" for x in losses), flush=True)
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
     started = time.time()
     variants = measure(profile, ROOT / "results" / "runs" / profile)
     atomic_write_json(out, {"what": __doc__.split("\n\n")[0], "profile": profile, "commit": code_version(),
-                            "model": it.profile(profile)["model"], "variants": variants, "wall_s": time.time() - started})
+                            "model": it.profile(profile)["model"], "variants": variants,
+                            "wall_s": time.time() - started})
     print(f"wrote {out}")
     return 0
 
