@@ -30,8 +30,13 @@ Which head the local loss reads with (``ChainConfig.local_head``) is the paper's
   It travels with the window, as ``stage_head.<head path>.<param>``, in the rounds whose loss
   trains it (a later layer exists and lambda < 1), and is averaged like it (FedAvg); the
   server keeps each position's head between passes (``methods.chainfed``). A causal LM's
-  head is frozen, so a stage head of its own would be a frozen copy of it, the same loss as
-  "shared": there "stage" is refused.
+  head (final norm, LM head) is frozen, so a copy of it would read the same loss as "shared":
+  its stage head is a *lens* instead, an adapter (zero-initialised, so the identity at first)
+  applied to the window's output before the frozen head, trained by the local loss alone, in
+  the manner of the tuned lens (Belrose et al. 2023, a trained translator per layer that makes
+  an early exit decodable). The window's adapters then need not bend the residual stream
+  towards the vocabulary to lower the local loss (``benchmarks/decoder_early_exit.py`` shows the
+  shared head doing so); exchanged as ``stage_head.lens.<param>``.
 
 A client holds one stage-head module (:func:`add_stage_head`), loaded with the position's
 tensors before it trains; ``Backbone.logits`` reads the head modules by attribute, so the
@@ -48,11 +53,14 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .adapter import Adapter
 from .backbone import Backbone, LayerContext
+from .config import AdapterConfig
 from .schedule import TrainPlan
 
 STAGE_HEAD_ATTR = "chainfed_stage_head"     # where a model keeps its stage head (a ModuleDict)
 STAGE_HEAD = "stage_head"                   # the exchange names' kind: stage_head.<head path>.<param>
+LENS = "lens"                               # a causal LM's stage head: an adapter before the frozen head
 
 
 @dataclass
@@ -82,8 +90,10 @@ def gpo_loss(backbone: Backbone, window_out: torch.Tensor, batch: dict[str, torc
     if not subsequent:
         local, logits = backbone.head_loss(window_out, batch, ctx)
         return GPOLoss(total=local, local=local, global_=None, logits=logits)
-    with _stage_head_in_place(backbone, lam < 1.0):
-        local, logits = backbone.head_loss(window_out, batch, ctx)
+    heads = getattr(backbone.model, STAGE_HEAD_ATTR, {})
+    lens = heads[LENS] if lam < 1.0 and LENS in heads else None
+    with _stage_head_in_place(backbone, lam < 1.0 and lens is None):
+        local, logits = backbone.head_loss(window_out if lens is None else lens(window_out), batch, ctx)
     global_, _ = backbone.head_loss(global_branch(backbone, window_out, subsequent), batch, ctx)
     total = (1.0 - lam) * local + lam * global_
     return GPOLoss(total=total, local=local, global_=global_, logits=logits)
@@ -94,13 +104,18 @@ def _key(path: str) -> str:
     return path.replace(".", "/")           # a ModuleDict key may not hold a dot
 
 
-def add_stage_head(backbone: Backbone) -> nn.ModuleDict:
-    """Give the model a stage head: a copy of each of its head modules as they are now."""
-    if backbone.is_causal_lm:
-        raise ValueError(f"ChainConfig.local_head: 'stage' needs a classification head that trains; the "
-                         f"{backbone.family} causal LM's head is frozen, so use 'shared'")
+def add_stage_head(backbone: Backbone, lens: AdapterConfig | None = None) -> nn.ModuleDict:
+    """Give the model a stage head: a copy of each of its head modules as they are now; for a
+    causal LM, a lens (an adapter of ``lens``'s size before the frozen head)."""
     if hasattr(backbone.model, STAGE_HEAD_ATTR):
         raise ValueError("model already has a stage head")
+    if backbone.is_causal_lm:
+        if lens is None:
+            raise ValueError("add_stage_head: a causal LM's stage head is a lens: give its AdapterConfig")
+        device = next(p.device for p in backbone.model.parameters())
+        heads = nn.ModuleDict({LENS: Adapter(backbone.hidden_size, lens).to(device)})
+        backbone.model.add_module(STAGE_HEAD_ATTR, heads)
+        return heads
     heads = nn.ModuleDict({_key(path): copy.deepcopy(module) for path, module in _head_modules(backbone).items()})
     backbone.model.add_module(STAGE_HEAD_ATTR, heads)
     return heads

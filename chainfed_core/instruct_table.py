@@ -14,7 +14,11 @@ from .config import RunConfig
 from .instruct_runs import build_instruct_task, untied
 
 VARIANTS: dict[str, tuple[str, dict]] = {"No-FT": ("no_ft", {}), "Full Adapters": ("full_adapters", {}),
-                                         **{f"ChainFed W={w}": ("chainfed", {"window": w}) for w in (2, 3, 4)}}
+                                         **{f"ChainFed W={w}": ("chainfed", {"window": w}) for w in (2, 3, 4)},
+                                         # GPO's second reading: the local loss reads through a lens of the
+                                         # stage's own (chainfed_core.gpo), not the bare frozen head
+                                         "ChainFed W=2 (stage head)": ("chainfed",
+                                                                       {"window": 2, "local_head": "stage"})}
 # The paper's LLaMA settings (Section 5.1): 20 clients, 10% a round, 10 local AdamW steps,
 # batch 16, 512 tokens, lambda 0.2, tau 0.8; memory reductions modelled at these.
 PAPER_STEP = {"batch_size": 16, "seq_len": 512}

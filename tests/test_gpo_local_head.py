@@ -34,7 +34,7 @@ def _window(lam, stage: bool, family="bert"):
         for i in range(6):
             bb.adapter(i).up.weight.normal_(0, 0.2)
     if stage:
-        add_stage_head(bb)
+        add_stage_head(bb, AdapterConfig(bottleneck=8))      # a causal LM's lens; an encoder's copies its head
     return bb, tiny_batch(), plan_for("chainfed", 6, schedule.stage_at(1, 6, 0, 2, 1), lam=lam)
 
 
@@ -65,9 +65,19 @@ def test_shared_is_the_default_and_leaves_config_hashes_alone():
     assert RunConfig.from_dict({"chain": {"local_head": "stage"}}).to_dict()["chain"]["local_head"] == "stage"
 
 
-def test_stage_is_refused_for_a_causal_lm_whose_head_is_frozen():
-    with pytest.raises(ValueError, match=r"^ChainConfig.local_head: 'stage' needs a classification head"):
+def test_a_causal_lms_stage_head_is_a_lens_before_its_frozen_head(one_thread):
+    with pytest.raises(ValueError, match="a causal LM's stage head is a lens"):
         add_stage_head(tiny_backbone("llama", num_layers=2))
+    bb, batch, plan = _window(0.5, stage=True, family="llama")
+    stage = set(stage_head_names(bb, plan))
+    assert stage == set(stage_head_parameters(bb)) and all(n.startswith("stage_head.lens.") for n in stage)
+    hidden, ctx = bb.embed(batch)
+    hidden = bb.run_layers(range(0, 3), hidden, ctx)
+    out = gpo_loss(bb, hidden, batch, ctx, list(plan.idle), plan.lam)
+    assert torch.equal(out.local, bb.head_loss(hidden, batch, ctx)[0])      # the lens starts as the identity
+    local, global_ = _grads(bb, batch, plan, "local"), _grads(bb, batch, plan, "global")
+    assert local["stage_head.lens.up.weight"] is not None and global_["stage_head.lens.up.weight"] is None
+    assert all(v is None for n, v in local.items() if n.startswith("head."))  # the LM head stays frozen
 
 
 # ---------------------------------------------------------------- the loss

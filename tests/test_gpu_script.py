@@ -168,7 +168,7 @@ def test_the_plan_holds_the_instruction_tuning_notebooks_runs_with_their_suites(
     f2 = {ex.config_hash(c) for _, c in sens.f2_runs("quick")}
     assert {r.run_id for r in by_artefact["fig10_llm_sensitivity"]} == fig10 and len(fig10) == 5   # λ, τ share 0.2/0.8
     assert {r.run_id for r in by_artefact["appF2_generalization"]} == f2 and len(f2) == 6
-    assert len(runs) == len(table3 | fig10 | f2) == 5 + 4 + 4          # the shared point and SmolLM2's F.2 runs once
+    assert len(runs) == len(table3 | fig10 | f2) == 6 + 4 + 4          # the shared point and SmolLM2's F.2 runs once
     assert all(r.evals == it.profile("quick")["evals"] for r in runs if r.run_id in table3)
     assert all(r.evals == sens.profile("quick")["evals"] and r.dataset == "alpaca" for r in runs)
 

@@ -63,7 +63,7 @@ class ChainFed(Method):
         from ..gpo import add_stage_head
         super().prepare(backbone)
         if self.config.chain.local_head == "stage":
-            add_stage_head(backbone)
+            add_stage_head(backbone, self.config.adapter)
 
     def initial_state(self, backbone) -> dict:
         """The global state, which holds no stage head; the stage head's initial value is kept
