@@ -12,7 +12,7 @@ checked against the record's last evaluation.
 
 Needs each run's folder under ``results/runs/<profile>/`` with its checkpoint (the notebook's runs
 write them; No-FT needs none). Writes ``results/instruct/early_exit_<profile>.json``, which
-Table 3's notebook plots.
+Table 3's notebook plots. A variant already in the record from the same run is kept, not read again.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def measure(profile: str, root: Path) -> dict:
+def measure(profile: str, root: Path, done: dict) -> dict:
     import torch
 
     from chainfed_core import instruct_table as it
@@ -41,6 +41,9 @@ def measure(profile: str, root: Path) -> dict:
     out = {}
     for variant in it.VARIANTS:
         cfg = it.run_config(profile, variant)
+        if done.get(variant, {}).get("run_id") == config_hash(cfg):
+            out[variant] = done[variant]                  # read already, from the same run
+            continue
         folder = root / config_hash(cfg)
         if not (folder / RECORD_FILE).exists():
             raise SystemExit(f"error: {variant}: no record {folder / RECORD_FILE}; "
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
     profile = it.canonical(args.profile)
     out = Path(args.out or ROOT / "results" / "instruct" / f"early_exit_{profile}.json")
     started = time.time()
-    variants = measure(profile, ROOT / "results" / "runs" / profile)
+    done = json.loads(out.read_text())["variants"] if out.exists() else {}
+    variants = measure(profile, ROOT / "results" / "runs" / profile, done)
     atomic_write_json(out, {"what": __doc__.split("\n\n")[0], "profile": profile, "commit": code_version(),
                             "model": it.profile(profile)["model"], "variants": variants,
                             "wall_s": time.time() - started})
