@@ -236,3 +236,28 @@ def early_exit(profile_name: str, repo=".."):
     frame = pd.DataFrame({v: r["layer_loss"] for v, r in variants.items()})
     frame.index = pd.RangeIndex(1, len(frame) + 1, name="after layer")
     return frame
+
+
+# The runs each instruction-tuning notebook asks for with its defaults (the GPU script plans them):
+# Table 3's variants (Figure 11 answers with them), Figure 10's two sweeps, App. F.2's decoders.
+NOTEBOOK_RUNS = ("table3_instruction_tuning", "fig11_case_study", "fig10_llm_sensitivity", "appF2_generalization")
+
+
+def notebook_runs(artefact: str, profile_name: str) -> list:
+    """The runs of one instruction-tuning notebook at a profile, as grid runs
+    (:class:`chainfed_core.experiments.Run`) that carry the suites their final evaluation scores."""
+    from . import instruct_sensitivity as sens
+    from .experiments import Run
+
+    if artefact in ("table3_instruction_tuning", "fig11_case_study"):
+        pairs, evals = [(v, run_config(profile_name, v)) for v in VARIANTS], profile(profile_name)["evals"]
+    elif artefact == "fig10_llm_sensitivity":
+        pairs = [(f"ChainFed W=2, {k}={labels[k]}", cfg) for k in sens.SWEEPS
+                 for labels, cfg in sens.sweep_runs(profile_name, k)]
+        evals = sens.profile(profile_name)["evals"]
+    elif artefact == "appF2_generalization":
+        pairs = [(f"{labels['variant']} on {labels['decoder']}", cfg) for labels, cfg in sens.f2_runs(profile_name)]
+        evals = sens.profile(profile_name)["evals"]
+    else:
+        raise ValueError(f"artefact: {artefact!r} is not one of {list(NOTEBOOK_RUNS)}")
+    return [Run(label, cfg.model.name, cfg.data.dataset, "iid", cfg.seed, cfg, evals) for label, cfg in pairs]

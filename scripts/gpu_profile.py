@@ -8,8 +8,8 @@ worker processes, within a wall-time budget, then the notebooks rendered on the 
     .venv/bin/python scripts/gpu_profile.py --out "$OUT"         # also pack what it wrote into $OUT
 
 1. Plan: the runs each artefact's notebook asks for with its default parameters (:data:`ARTEFACTS`
-   follows their grids, :data:`INSTRUCT` the instruction-tuning notebooks' configs; after rendering the script checks that the notebooks trained nothing
-   the plan missed), each run once, seed by seed and MiniLM before MPNet within a seed, ChainFed
+   follows their grids, :data:`INSTRUCT` the instruction-tuning notebooks'; after rendering the
+   script checks that the notebooks trained nothing the plan missed), each run once, seed by seed and MiniLM before MPNet within a seed, ChainFed
    and Full Adapters first: a batch stopped early holds whole seeds of the comparison that matters.
 2. Runs: ``--workers`` processes (spawned where they use CUDA, which a fork cannot) share the one GPU, ``--threads`` torch
    threads each (12 x 1 of the H200 machine's 16 cores: the rest for the parent and the driver),
@@ -33,6 +33,7 @@ where ``results/benchmarks/gpu_throughput.json`` holds a CUDA measurement
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import subprocess
@@ -45,6 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from chainfed_core import experiments as ex  # noqa: E402
+from chainfed_core.instruct_table import NOTEBOOK_RUNS, notebook_runs  # noqa: E402
 from chainfed_core.records import RECORD_FILE  # noqa: E402
 
 import run_profile  # noqa: E402
@@ -83,33 +85,8 @@ ARTEFACTS = {
                                      _ablation(p)),
 }
 
-
-def _instruct_runs(pairs, evals: dict) -> list[ex.Run]:
-    """Instruction-tuning configs as grid runs that carry the suites their final evaluation scores."""
-    return [ex.Run(label, cfg.model.name, cfg.data.dataset, "iid", cfg.seed, cfg, evals) for label, cfg in pairs]
-
-
-def _table3(profile: str) -> list[ex.Run]:
-    from chainfed_core import instruct_table as it
-    return _instruct_runs([(v, it.run_config(profile, v)) for v in it.VARIANTS], it.profile(profile)["evals"])
-
-
-def _fig10(profile: str) -> list[ex.Run]:
-    from chainfed_core import instruct_sensitivity as sens
-    pairs = [(f"ChainFed W=2, {k}={labels[k]}", cfg) for k in sens.SWEEPS for labels, cfg in sens.sweep_runs(profile, k)]
-    return _instruct_runs(pairs, sens.profile(profile)["evals"])
-
-
-def _f2(profile: str) -> list[ex.Run]:
-    from chainfed_core import instruct_sensitivity as sens
-    pairs = [(f"{labels['variant']} on {labels['decoder']}", cfg) for labels, cfg in sens.f2_runs(profile)]
-    return _instruct_runs(pairs, sens.profile(profile)["evals"])
-
-
-# The instruction-tuning notebooks' runs (their profiles have the classification profiles' names),
-# Table 3's first: Figure 10's shared point and Figure 11's answers are its records.
-INSTRUCT = {"table3_instruction_tuning": _table3, "fig11_case_study": _table3, "fig10_llm_sensitivity": _fig10,
-            "appF2_generalization": _f2}
+# the instruction-tuning notebooks' runs (their profiles have the classification profiles' names)
+INSTRUCT = {name: functools.partial(notebook_runs, name) for name in NOTEBOOK_RUNS}
 CLAIMS = "claims"
 
 
@@ -241,10 +218,8 @@ def print_estimate(runs: list[ex.Run], workers: int, budget_s: float) -> None:
         print(f"estimate: no {COST_RECORD.relative_to(REPO)} (run benchmarks/gpu_step_cost.py)")
         return
     cost = json.loads(COST_RECORD.read_text())
-    instruct = [r for r in runs if r.evals is not None]
-    if instruct:
-        print(f"estimate: {len(instruct)} instruction-tuning runs not estimated (the cost record measures the "
-              "encoders' steps; instruct_cost's records measure the decoders' on the CPU)")
+    if instruct := [r for r in runs if r.evals is not None]:
+        print(f"estimate: {len(instruct)} instruction-tuning runs not estimated (the cost record measures encoders)")
         runs = [r for r in runs if r.evals is None]
     missing = sorted({r.model for r in runs} - set(cost["models"])) + sorted({r.dataset for r in runs} - set(cost["datasets"]))
     if missing:

@@ -220,7 +220,8 @@ def test_the_lm_losss_logits_tensors_are_counted_where_they_dominate(method, win
         bb.add_adapters(AdapterConfig(bottleneck=16))
     data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
     stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
-    report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2), TrainConfig(batch_size=B, local_steps=2))
+    report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
+                                 TrainConfig(batch_size=B, local_steps=2))
     estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
     assert bb.config.vocab_size == V and report.breakdown["activations"] > 4 * B * T * V * 4 * 0.9
     assert abs(estimate.total / report.peak_bytes - 1) <= 0.03, (estimate.total, report.peak_bytes)
