@@ -57,17 +57,23 @@ def test_breakdown_of_a_training_step_sums_to_the_peak():
     assert report.breakdown["optimizer_state"] == window + head      # SGD momentum of the trained tensors
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-@pytest.mark.parametrize("method,window,start", [("full_adapters", 6, 0), ("chainfed", 2, 1), ("chainfed", 1, 3)])
-def test_analytic_model_within_ten_percent_of_meter(family, method, window, start):
-    L, B, T = 6, 8, 32
-    bb = tiny_backbone(family, num_layers=L, hidden=64)
-    bb.add_adapters(AdapterConfig(bottleneck=16))
+def _metered_step(bb, method: str, window: int, start: int, B: int = 8, T: int = 32):
+    """The meter's report of two local steps of ``method`` on ``bb`` (6 layers; chainfed's window
+    at ``start``), and the analytic estimate of the same step (adapters of bottleneck 16)."""
+    L = bb.num_layers
     data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
     stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
     report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
                                  TrainConfig(batch_size=B, local_steps=2))
-    estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+    return report, peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("method,window,start", [("full_adapters", 6, 0), ("chainfed", 2, 1), ("chainfed", 1, 3)])
+def test_analytic_model_within_ten_percent_of_meter(family, method, window, start):
+    bb = tiny_backbone(family, num_layers=6, hidden=64)
+    bb.add_adapters(AdapterConfig(bottleneck=16))
+    report, estimate = _metered_step(bb, method, window, start)
     assert report.breakdown["activations"] > 0.3 * report.peak_bytes   # activations matter on this shape
     assert abs(estimate.total / report.peak_bytes - 1) <= 0.10
 
@@ -192,16 +198,14 @@ def test_analytic_model_of_every_decoder_family_within_ten_percent_of_meter(fami
     bb = tiny_backbone(family, num_layers=L, hidden=64)
     if method in ("full_adapters", "chainfed"):
         bb.add_adapters(AdapterConfig(bottleneck=16))
-    data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
     if method == "no_ft":
+        data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
         with MemoryMeter(bb) as meter:
             evaluate(bb, data, batch_size=B)
         report = meter.report()
+        estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
     else:
-        stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
-        report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
-                                     TrainConfig(batch_size=B, local_steps=2))
-    estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+        report, estimate = _metered_step(bb, method, window, start, B, T)
     assert abs(estimate.total / report.peak_bytes - 1) <= 0.10, (estimate.total, report.peak_bytes)
     assert estimate.notes["family"] == family
     if method != "fft":
@@ -213,16 +217,12 @@ def test_analytic_model_of_every_decoder_family_within_ten_percent_of_meter(fami
 def test_the_lm_losss_logits_tensors_are_counted_where_they_dominate(method, window, start):
     # a vocabulary of 16,384 on a hidden size of 64: the logits-sized tensors are most of the peak. One branch
     # holds four at the backward's start (logits, log-softmax, their gradients), GPO's two branches six
-    L, B, T, V = 6, 4, 32, 16384
-    bb = tiny_backbone("llama", num_layers=L, hidden=64)
+    B, T, V = 4, 32, 16384
+    bb = tiny_backbone("llama", num_layers=6, hidden=64)
     bb.model.resize_token_embeddings(V)
     if method != "fft":
         bb.add_adapters(AdapterConfig(bottleneck=16))
-    data = tiny_dataset(2 * B, T, seed=1).map(lambda r: {"attention_mask": [1] * T})
-    stage = stage_at(start, L, 0, window, 1) if method == "chainfed" else None
-    report, _ = metered_training(bb, data, plan_for(method, L, stage, lam=0.2),
-                                 TrainConfig(batch_size=B, local_steps=2))
-    estimate = peak_training_bytes(bb.config, method, window, B, T, bottleneck=16, window_start=start)
+    report, estimate = _metered_step(bb, method, window, start, B, T)
     assert bb.config.vocab_size == V and report.breakdown["activations"] > 4 * B * T * V * 4 * 0.9
     assert abs(estimate.total / report.peak_bytes - 1) <= 0.03, (estimate.total, report.peak_bytes)
 
