@@ -112,8 +112,7 @@ def add_stage_head(backbone: Backbone, lens: AdapterConfig | None = None) -> nn.
     if backbone.is_causal_lm:
         if lens is None:
             raise ValueError("add_stage_head: a causal LM's stage head is a lens: give its AdapterConfig")
-        device = next(p.device for p in backbone.model.parameters())
-        heads = nn.ModuleDict({LENS: Adapter(backbone.hidden_size, lens).to(device)})
+        heads = nn.ModuleDict({LENS: Adapter(backbone.hidden_size, lens).to(backbone.device)})
         backbone.model.add_module(STAGE_HEAD_ATTR, heads)
         return heads
     heads = nn.ModuleDict({_key(path): copy.deepcopy(module) for path, module in _head_modules(backbone).items()})

@@ -345,16 +345,16 @@ class FedKSeed(Method):
         """Inference only: the weights (layers and head as trainable) and the larger of one
         forward's activations and the largest tuned tensor's transient z."""
         import torch
+        from ..families import detect_family
         from ..memory_model import MemoryEstimate, part_sizes, peak_training_bytes
-        from ..families import SPECS, detect_family
-        from ..model_parts import build_model, hf_config as as_hf_config
+        from ..model_parts import build_model, head_is_frozen, hf_config as as_hf_config
 
-        forward = peak_training_bytes(hf_config, "no_ft", 1, batch_size, seq_len, dtype)
-        sizes, wb = part_sizes(hf_config), torch.finfo(getattr(torch, dtype)).bits // 8
-        lm_head = SPECS[detect_family(as_hf_config(hf_config))].causal_lm
-        head = 0 if lm_head else sizes["head"] * 4                             # an LM head stays frozen
+        config = as_hf_config(hf_config)
+        forward = peak_training_bytes(config, "no_ft", 1, batch_size, seq_len, dtype)
+        sizes, wb = part_sizes(config), torch.finfo(getattr(torch, dtype)).bits // 8
+        head = 0 if head_is_frozen(detect_family(config)) else sizes["head"] * 4   # an LM head stays frozen
         tuned = sizes["num_layers"] * sizes["layer"] * wb + head
-        largest_z = _largest_layer_tensor(as_hf_config(hf_config), build_model) * wb
+        largest_z = _largest_layer_tensor(config, build_model) * wb
         weights = forward.frozen_weights + forward.trainable
         return MemoryEstimate(frozen_weights=weights - tuned, trainable=tuned, gradients=0, optimizer_state=0,
                               activations=max(forward.activations, largest_z),
@@ -365,7 +365,6 @@ def _largest_layer_tensor(config, build_model) -> int:
     """Elements of the largest tensor of one layer, counted on the meta device."""
     import torch
     from ..backbone import from_model
-
     from ..families import detect_family
 
     family = detect_family(config)
