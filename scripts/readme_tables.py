@@ -52,7 +52,39 @@ def table1(profile: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"table1 cpu-full": lambda: table1("cpu-full")}
+TABLE3_COLUMNS = ["MMLU", "BBH", "DROP", "CRASS", "average", "memory_reduction"]
+
+
+def _summary_metrics(artefact: str, profile: str) -> dict:
+    summary = ROOT / "results" / artefact / profile / "summary.json"
+    if not summary.exists():
+        raise SystemExit(f"error: {summary.relative_to(ROOT)} does not exist; run {artefact} at {profile}")
+    return json.loads(summary.read_text())["metrics"]
+
+
+def _number(value, digits: int, missing: str = "not run") -> str:
+    return missing if value is None or value != value else f"{value:.{digits}f}"
+
+
+def table3(profile: str) -> str:
+    """Table 3 of ``profile``: a row per variant, ``ours [paper's LLaMA2-7B]`` per benchmark (%), the
+    average and the memory reduction against Full Adapters (x; "—" where there is no estimate)."""
+    metrics = _summary_metrics("table3_instruction_tuning", profile)
+    variants = list(dict.fromkeys(k.split("/")[0] for k in metrics))
+    lines = ["| variant | " + " | ".join(c.replace("_", " ") for c in TABLE3_COLUMNS) + " |",
+             "|" + "---|" * (len(TABLE3_COLUMNS) + 1)]
+    for variant in variants:
+        cells = []
+        for column in TABLE3_COLUMNS:
+            memory = column == "memory_reduction"
+            ours = _number(metrics.get(f"{variant}/ours/{column}"), 2 if memory else 1, "—" if memory else "not run")
+            theirs = metrics.get(f"{variant}/paper LLaMA2-7B/{column}")
+            cells.append(ours if theirs is None else f"{ours} [{_number(theirs, 2)}]")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"table1 cpu-full": lambda: table1("cpu-full"), "table3 cpu": lambda: table3("cpu")}
 
 
 def rewrite(text: str, name: str, body: str) -> str:
