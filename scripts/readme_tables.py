@@ -84,7 +84,36 @@ def table3(profile: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"table1 cpu-full": lambda: table1("cpu-full"), "table3 cpu": lambda: table3("cpu")}
+def fig10(profile: str) -> str:
+    """Figure 10 of ``profile``: a row per λ or τ value, MMLU (%, subject average) and the held-out
+    response loss (nats)."""
+    metrics = _summary_metrics("fig10_llm_sensitivity", profile)
+    settings = list(dict.fromkeys(k.split("/")[0] for k in metrics))
+    lines = ["| setting | MMLU (%) | held-out loss |", "|---|---|---|"]
+    for setting in sorted(settings, key=lambda x: (x.split("=")[0] != "lambda", float(x.split("=")[1]))):
+        name, value = setting.split("=")
+        label = f"{'λ' if name == 'lambda' else 'τ'} = {value}"
+        lines.append(f"| {label} | {_number(metrics.get(f'{setting}/MMLU/mean'), 1)} | "
+                     f"{_number(metrics.get(f'{setting}/held-out loss/mean'), 2)} |")
+    return "\n".join(lines)
+
+
+def appf2(profile: str) -> str:
+    """Appendix F.2 of ``profile``: a row per decoder, MMLU (%, subject average) of Full Adapters and
+    ChainFed W = 2, and the gain in points."""
+    metrics = _summary_metrics("appF2_generalization", profile)
+    decoders = list(dict.fromkeys(k.split("/")[0] for k in metrics))
+    lines = ["| decoder | Full Adapters | ChainFed W=2 | gain (points) |", "|---|---|---|---|"]
+    for decoder in decoders:
+        cells = [_number(metrics.get(f"{decoder}/{c}"), 1) for c in ("Full Adapters", "ChainFed W=2")]
+        gain = metrics.get(f"{decoder}/gain")
+        lines.append(f"| {decoder} | {cells[0]} | {cells[1]} | "
+                     + ("not run" if gain is None or gain != gain else f"{gain:+.1f}") + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"table1 cpu-full": lambda: table1("cpu-full"), "table3 cpu": lambda: table3("cpu"),
+          "fig10 cpu": lambda: fig10("cpu"), "appF2 cpu": lambda: appf2("cpu")}
 
 
 def rewrite(text: str, name: str, body: str) -> str:
