@@ -28,13 +28,22 @@ TABLE1_ORDER = ["No-FT", "LP", "FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA
                 "Full Adapters", "ChainFed"]
 
 
+def _summary(artefact: str, profile: str) -> dict:
+    """The committed summary of ``artefact`` at ``profile`` (what its notebook wrote)."""
+    summary = ROOT / "results" / artefact / profile / "summary.json"
+    if not summary.exists():
+        raise SystemExit(f"error: {summary.relative_to(ROOT)} does not exist; run {artefact} at {profile}")
+    return json.loads(summary.read_text())
+
+
+def _number(value, spec: str = ".1f", missing: str = "not run") -> str:
+    return missing if value is None or value != value else f"{value:{spec}}"
+
+
 def table1(profile: str) -> str:
     """Table 1 of ``profile``: a row per method, a column per (data set, partition), ``mean ± SE
     [paper]``, with the number of seeds where a cell has fewer than the most."""
-    summary = ROOT / "results" / "table1_main_results" / profile / "summary.json"
-    if not summary.exists():
-        raise SystemExit(f"error: {summary.relative_to(ROOT)} does not exist; run table1_main_results at {profile}")
-    runs = pd.DataFrame(json.loads(summary.read_text())["runs"])
+    runs = pd.DataFrame(_summary("table1_main_results", profile)["runs"])
     frame = tables.beside_paper(runs, TABLE1_ORDER, paper.table1_cell)
     counts = runs[runs["status"].fillna("complete") == "complete"].groupby(["dataset", "partition", "variant"]).size()
     most = int(counts.max())
@@ -55,21 +64,10 @@ def table1(profile: str) -> str:
 TABLE3_COLUMNS = ["MMLU", "BBH", "DROP", "CRASS", "average", "memory_reduction"]
 
 
-def _summary_metrics(artefact: str, profile: str) -> dict:
-    summary = ROOT / "results" / artefact / profile / "summary.json"
-    if not summary.exists():
-        raise SystemExit(f"error: {summary.relative_to(ROOT)} does not exist; run {artefact} at {profile}")
-    return json.loads(summary.read_text())["metrics"]
-
-
-def _number(value, digits: int, missing: str = "not run") -> str:
-    return missing if value is None or value != value else f"{value:.{digits}f}"
-
-
 def table3(profile: str) -> str:
     """Table 3 of ``profile``: a row per variant, ``ours [paper's LLaMA2-7B]`` per benchmark (%), the
     average and the memory reduction against Full Adapters (x; "—" where there is no estimate)."""
-    metrics = _summary_metrics("table3_instruction_tuning", profile)
+    metrics = _summary("table3_instruction_tuning", profile)["metrics"]
     variants = list(dict.fromkeys(k.split("/")[0] for k in metrics))
     lines = ["| variant | " + " | ".join(c.replace("_", " ") for c in TABLE3_COLUMNS) + " |",
              "|" + "---|" * (len(TABLE3_COLUMNS) + 1)]
@@ -77,9 +75,9 @@ def table3(profile: str) -> str:
         cells = []
         for column in TABLE3_COLUMNS:
             memory = column == "memory_reduction"
-            ours = _number(metrics.get(f"{variant}/ours/{column}"), 2 if memory else 1, "—" if memory else "not run")
+            ours = _number(metrics.get(f"{variant}/ours/{column}"), ".2f" if memory else ".1f", "—" if memory else "not run")
             theirs = metrics.get(f"{variant}/paper LLaMA2-7B/{column}")
-            cells.append(ours if theirs is None else f"{ours} [{_number(theirs, 2)}]")
+            cells.append(ours if theirs is None else f"{ours} [{_number(theirs, '.2f')}]")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -87,28 +85,27 @@ def table3(profile: str) -> str:
 def fig10(profile: str) -> str:
     """Figure 10 of ``profile``: a row per λ or τ value, MMLU (%, subject average) and the held-out
     response loss (nats)."""
-    metrics = _summary_metrics("fig10_llm_sensitivity", profile)
+    metrics = _summary("fig10_llm_sensitivity", profile)["metrics"]
     settings = list(dict.fromkeys(k.split("/")[0] for k in metrics))
     lines = ["| setting | MMLU (%) | held-out loss |", "|---|---|---|"]
     for setting in sorted(settings, key=lambda x: (x.split("=")[0] != "lambda", float(x.split("=")[1]))):
         name, value = setting.split("=")
         label = f"{'λ' if name == 'lambda' else 'τ'} = {value}"
-        lines.append(f"| {label} | {_number(metrics.get(f'{setting}/MMLU/mean'), 1)} | "
-                     f"{_number(metrics.get(f'{setting}/held-out loss/mean'), 2)} |")
+        lines.append(f"| {label} | {_number(metrics.get(f'{setting}/MMLU/mean'))} | "
+                     f"{_number(metrics.get(f'{setting}/held-out loss/mean'), '.2f')} |")
     return "\n".join(lines)
 
 
 def appf2(profile: str) -> str:
     """Appendix F.2 of ``profile``: a row per decoder, MMLU (%, subject average) of Full Adapters and
     ChainFed W = 2, and the gain in points."""
-    metrics = _summary_metrics("appF2_generalization", profile)
+    metrics = _summary("appF2_generalization", profile)["metrics"]
     decoders = list(dict.fromkeys(k.split("/")[0] for k in metrics))
     lines = ["| decoder | Full Adapters | ChainFed W=2 | gain (points) |", "|---|---|---|---|"]
     for decoder in decoders:
-        cells = [_number(metrics.get(f"{decoder}/{c}"), 1) for c in ("Full Adapters", "ChainFed W=2")]
-        gain = metrics.get(f"{decoder}/gain")
-        lines.append(f"| {decoder} | {cells[0]} | {cells[1]} | "
-                     + ("not run" if gain is None or gain != gain else f"{gain:+.1f}") + " |")
+        cells = [_number(metrics.get(f"{decoder}/{c}")) for c in ("Full Adapters", "ChainFed W=2")]
+        cells.append(_number(metrics.get(f"{decoder}/gain"), "+.1f"))
+        lines.append(f"| {decoder} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
