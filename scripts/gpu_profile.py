@@ -1,4 +1,4 @@
-"""The gpu profile in one command: every run of Tables 1, 2, 4 and Figures 8, 9, and of the
+"""The gpu profile in one command: every run of Tables 1, 2, 4 and Figures 2, 8, 9, and of the
 instruction-tuning notebooks (Table 3, Figures 10, 11, Appendix F.2), on one GPU by parallel
 worker processes, within a wall-time budget, then the notebooks rendered on the records.
 
@@ -7,8 +7,8 @@ worker processes, within a wall-time budget, then the notebooks rendered on the 
     .venv/bin/python scripts/gpu_profile.py --tiny --workers 2   # the same pipeline on the quick profile (CPU)
     .venv/bin/python scripts/gpu_profile.py --out "$OUT"         # also pack what it wrote into $OUT
 
-1. Plan: the runs each artefact's notebook asks for with its default parameters (:data:`ARTEFACTS`
-   follows their grids, :data:`INSTRUCT` the instruction-tuning notebooks'; after rendering the
+1. Plan (``chainfed_core.profile_plan``): the runs each artefact's notebook asks for with its default
+   parameters (``ARTEFACTS`` follows their grids, ``INSTRUCT`` the instruction-tuning notebooks'; after rendering the
    script checks that the notebooks trained nothing the plan missed), each run once, seed by seed and MiniLM before MPNet within a seed, ChainFed
    and Full Adapters first: a batch stopped early holds whole seeds of the comparison that matters.
 2. Runs: ``--workers`` processes (spawned where they use CUDA, which a fork cannot) share the one GPU, ``--threads`` torch
@@ -33,7 +33,6 @@ where ``results/benchmarks/gpu_throughput.json`` holds a CUDA measurement
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import subprocess
@@ -46,7 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from chainfed_core import experiments as ex  # noqa: E402
-from chainfed_core.instruct_table import NOTEBOOK_RUNS, notebook_runs  # noqa: E402
+from chainfed_core.profile_plan import ARTEFACTS, INSTRUCT, plan, recorded  # noqa: E402
 from chainfed_core.records import RECORD_FILE  # noqa: E402
 
 import run_profile  # noqa: E402
@@ -56,61 +55,7 @@ COST_RECORD = REPO / "results" / "benchmarks" / "gpu_step_cost.json"
 THROUGHPUT_RECORD = REPO / "results" / "benchmarks" / "gpu_throughput.json"     # measured on a GPU, when it is
 PART_BYTES = 15 * 2 ** 20        # the device machine returns files of at most 16 MiB
 GRACE_S = 60
-
-
-# ---------------------------------------------------------------------- the plan
-def _ablation(p: dict) -> dict:
-    """The grid arguments the sensitivity notebooks give: the profile's ablation settings."""
-    return {"datasets": p["ablation_datasets"], "partitions": p.get("ablation_partitions"),
-            "seeds": p.get("ablation_seeds")}
-
-
-def _windows(p: dict) -> list:
-    smallest = min(ex.num_layers(m) for m in p["models"])
-    return [ex.chainfed(f"W={w}", window=w) for w in [2, 3, 4, 5, 6] if w <= smallest] + ["FFT"]
-
-
-# Each artefact's variants and grid arguments, as its notebook builds them with its defaults
-# (Table 1: the profile's datasets without the heavy one, ChainFed and Full Adapters first).
-ARTEFACTS = {
-    "table1_main_results": lambda p: (["ChainFed", "Full Adapters", *ex.PAPER_BASELINES, "No-FT", "LP", "FFT"], {}),
-    "table2_threshold": lambda p: ([ex.chainfed(f"tau={t}", foat_tau=t) for t in [1.0, 0.9, 0.8]] + ["Full Adapters"],
-                                   _ablation(p)),
-    "table4_ablation": lambda p: (["ChainFed", "w/o DLCT", "w/o GPO", "w/o FOAT", "ChainFed (stage head)",
-                                   "w/o GPO (stage head)"], _ablation(p)),
-    "fig8_window_size": lambda p: (_windows(p), _ablation(p)),
-    "fig9_global_weight": lambda p: ([ex.chainfed(f"lambda={lam}" + ("" if head == "shared" else ", stage head"),
-                                                  gpo_lambda=lam, local_head=head)
-                                      for head in ["shared", "stage"] for lam in [0.0, 0.1, 0.2, 0.5, 1.0]],
-                                     _ablation(p)),
-}
-
-# the instruction-tuning notebooks' runs (their profiles have the classification profiles' names)
-INSTRUCT = {name: functools.partial(notebook_runs, name) for name in NOTEBOOK_RUNS}
 CLAIMS = "claims"
-
-
-def plan(profile: str, artefacts: list[str]) -> tuple[list[ex.Run], dict[str, list[ex.Run]]]:
-    """The runs of ``artefacts`` in the order they are run (each once), and each artefact's own."""
-    p = ex.profile(profile)
-    by_artefact = {}
-    for name in artefacts:
-        if name in INSTRUCT:
-            by_artefact[name] = INSTRUCT[name](profile)
-            continue
-        variants, kwargs = ARTEFACTS[name](p)
-        by_artefact[name] = ex.grid(profile, variants, **kwargs)
-    models = {m: i for i, m in enumerate(p["models"])}         # the decoders after the encoders
-    ordered, seen = [], set()
-    for position, (a, r) in enumerate((a, r) for a, runs in enumerate(by_artefact.values()) for r in runs):
-        if r.run_id not in seen:
-            seen.add(r.run_id)
-            ordered.append(((r.seed, models.get(r.model, len(models)), a, position), r))
-    return [r for _, r in sorted(ordered, key=lambda item: item[0])], by_artefact
-
-
-def recorded(root: Path, runs: list[ex.Run]) -> list[ex.Run]:
-    return [r for r in runs if (root / r.run_id / RECORD_FILE).exists()]
 
 
 # ---------------------------------------------------------------------- the estimate
@@ -330,7 +275,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help=f"the {TINY} profile instead: tiny model, synthetic data, CPU")
     parser.add_argument("--profile", default="gpu-full", choices=list(ex.PROFILES))
     parser.add_argument("--notebooks", nargs="+", default=[*ARTEFACTS, *INSTRUCT], choices=[*ARTEFACTS, *INSTRUCT],
-                        help="the artefacts to run and render (default: all nine)")
+                        help="the artefacts to run and render (default: all ten)")
     parser.add_argument("--models", nargs="+", help="run only these models' runs (rendering still needs every run)")
     parser.add_argument("--datasets", nargs="+", help="run only these data sets' runs")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds' runs")

@@ -51,8 +51,8 @@ def test_builtin_methods_are_registered_once_with_labels():
     builtins = ["no_ft", "linear_probe", "fft", "full_adapters", "chainfed"]      # first; then the other modules
     assert method_names()[:5] == builtins and len(set(method_names())) == len(method_names())
     assert [get_method(m).label for m in builtins] == ["No-FT", "Linear Probing", "FFT", "Full Adapters", "ChainFed"]
-    assert list(ex.VARIANTS)[:8] == ["No-FT", "LP", "FFT", "Full Adapters", "ChainFed", "w/o DLCT", "w/o GPO",
-                                     "w/o FOAT"]
+    assert list(ex.VARIANTS)[:9] == ["No-FT", "LP", "FFT", "Full Adapters", "Full Adapters, memory-limited", "ChainFed",
+                                     "w/o DLCT", "w/o GPO", "w/o FOAT"]
     with pytest.raises(ValueError, match=r"RunConfig.method: 'fedprox' is not one of \['no_ft'"):
         get_method("fedprox")
     with pytest.raises(ValueError, match="already registered"):
