@@ -343,14 +343,16 @@ def axis_limits(values, min_span: float, bounds: tuple[float, float] | None = No
 def plot_sweep(ax, frame, key: str, column: str, *, min_span: float, xlabel: str, chance: float | None = None,
                bounds: tuple[float, float] | None = None):
     """Mean ``column`` by ``key`` over the runs done, error bars (standard deviation) only where
-    there are several seeds; limits at least ``min_span`` wide (within ``bounds``); the values
-    not run named under the axis."""
+    there are several seeds; limits at least ``min_span`` wide (within ``bounds``) around the points
+    of every panel that shares the y axis; the values not run named under the axis."""
     stats = mean_over_seeds(frame, key, (column,))[column] if len(frame) else None
     if stats is not None and len(stats):
         err = stats["std"].where(stats["count"] > 1)
         ax.errorbar(stats.index, stats["mean"], yerr=None if err.isna().all() else err.fillna(0.0),
                     marker="o", capsize=3)
-        ax.set_ylim(*axis_limits(stats["mean"], min_span, bounds))
+        drawn = [y for a in ax.get_shared_y_axes().get_siblings(ax) for line in a.get_lines()
+                 for y in line.get_ydata() if line.get_marker() == "o"]    # a shared y axis: every panel's points
+        ax.set_ylim(*axis_limits(drawn, min_span, bounds))
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
     swept, missing = sorted(frame[key].unique()), sorted(frame.loc[frame["status"] != "done", key].unique())

@@ -28,9 +28,10 @@ TABLE1_ORDER = ["No-FT", "LP", "FedAdapter", "C2A", "FwdLLM", "FedKSeed", "FLoRA
                 "Full Adapters", "ChainFed"]
 
 
-def _summary(artefact: str, profile: str) -> dict:
-    """The committed summary of ``artefact`` at ``profile`` (what its notebook wrote)."""
-    summary = ROOT / "results" / artefact / profile / "summary.json"
+def _summary(artefact: str, profile: str, tag: str = "") -> dict:
+    """The committed summary of ``artefact`` at ``profile`` (what its notebook wrote; ``tag``: a sweep
+    with another setting, ``summary<tag>.json``)."""
+    summary = ROOT / "results" / artefact / profile / f"summary{tag}.json"
     if not summary.exists():
         raise SystemExit(f"error: {summary.relative_to(ROOT)} does not exist; run {artefact} at {profile}")
     return json.loads(summary.read_text())
@@ -82,17 +83,23 @@ def table3(profile: str) -> str:
     return "\n".join(lines)
 
 
+FIG10_STAGE = "_local_head-stage"      # the sweep with GPO's local loss from a head of the stage's own
+
+
 def fig10(profile: str) -> str:
     """Figure 10 of ``profile``: a row per λ or τ value, MMLU (%, subject average) and the held-out
-    response loss (nats)."""
+    response loss (nats), with the shared head (the default) and, where that sweep ran, a stage head."""
     metrics = _summary("fig10_llm_sensitivity", profile)["metrics"]
-    settings = list(dict.fromkeys(k.split("/")[0] for k in metrics))
-    lines = ["| setting | MMLU (%) | held-out loss |", "|---|---|---|"]
+    stage = _summary("fig10_llm_sensitivity", profile, FIG10_STAGE)["metrics"]
+    settings = list(dict.fromkeys(k.split("/")[0] for k in [*metrics, *stage]))
+    lines = ["| setting | MMLU (%) | held-out loss | MMLU, stage head (%) | held-out loss, stage head |",
+             "|---|---|---|---|---|"]
     for setting in sorted(settings, key=lambda x: (x.split("=")[0] != "lambda", float(x.split("=")[1]))):
         name, value = setting.split("=")
         label = f"{'λ' if name == 'lambda' else 'τ'} = {value}"
-        lines.append(f"| {label} | {_number(metrics.get(f'{setting}/MMLU/mean'))} | "
-                     f"{_number(metrics.get(f'{setting}/held-out loss/mean'), '.2f')} |")
+        cells = [_number(m.get(f"{setting}/{column}/mean"), spec) for m in (metrics, stage)
+                 for column, spec in (("MMLU", ".1f"), ("held-out loss", ".2f"))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -192,3 +192,20 @@ def test_f2_table_and_claim_from_rows():
     claim = sens.f2_claim(table)
     assert "a: ChainFed W=2 25.50 vs Full Adapters 24.00 (+1.50 points, holds" in claim
     assert "b: not run (AssetError: no b)" in claim
+
+
+def test_panels_that_share_a_y_axis_keep_every_panels_points_in_view():
+    """Figure 10's λ and τ panels share y: the τ panel drawn last must not crop the λ panel's points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    lam = pd.DataFrame({"lambda": [0.0, 0.5, 1.0], "held-out loss": [4.71, 4.85, 4.97], "status": ["done"] * 3})
+    tau = pd.DataFrame({"tau": [0.8], "held-out loss": [4.77], "status": ["done"]})
+    fig, (left, right) = plt.subplots(1, 2, sharey="row")
+    sens.plot_sweep(left, lam, "lambda", "held-out loss", min_span=0.1, xlabel="λ")
+    sens.plot_sweep(right, tau, "tau", "held-out loss", min_span=0.1, xlabel="τ")
+    low, high = left.get_ylim()
+    plt.close(fig)
+    assert low < 4.71 and high > 4.97
