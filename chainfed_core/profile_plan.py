@@ -9,8 +9,9 @@ recorded runs took and projects the rest, for the claims page ("the profile's to
 Time of a run (:func:`run_seconds`): the sum of its rounds' ``seconds_round`` (training and the
 round's evaluation) and of its final evaluation's ``seconds``, which survives resumes (a record's
 ``wall_s`` is the last process's alone). Runs not recorded yet are projected from the recorded
-runs of the same variant and model at the profile (else of the same method, else of the same
-artefact, else of any run of the model): each at their mean, so the projection is as good as those
+runs of the same variant and model at the profile (else of the same method; else ChainFed's runs
+there times the method's cost over ChainFed's at another profile, :func:`relative_cost`; else of
+the same artefact, else of any run of the model): each at their mean, so the projection is as good as those
 runs are typical; with no recorded run of a model, its runs' hours are unknown (NaN), and so the total.
 """
 
@@ -95,6 +96,26 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def relative_cost(profile: str, repo: Path = REPO) -> dict[tuple[str, str], float]:
+    """(model, method) -> the method's mean run time over ChainFed's, from the records of the other
+    profiles (the first that has both, in :data:`experiments.PROFILES` order): what a method not yet
+    run at ``profile`` costs beside a ChainFed run there."""
+    out: dict[tuple[str, str], float] = {}
+    for other in ex.PROFILES:
+        if other == profile or not (repo / "results" / "runs" / other).is_dir():
+            continue
+        times: dict[tuple[str, str], list[float]] = {}
+        for path in (repo / "results" / "runs" / other).glob(f"*/{RECORD_FILE}"):
+            record = json.loads(path.read_text())
+            times.setdefault((record["config"]["model"]["name"], record["config"]["method"]), []).append(
+                run_seconds(record))
+        for (model, method), values in times.items():
+            chain = _mean(times.get((model, "chainfed"), []))
+            if chain == chain and chain > 0:
+                out.setdefault((model, method), _mean(values) / chain)
+    return out
+
+
 def wall_time(profile: str, repo: Path = REPO, artefacts: list[str] | None = None):
     """Per artefact of ``profile`` (each run counted in the first artefact that asks for it): its
     runs, how many are recorded, the hours they took and the hours projected for the rest
@@ -110,6 +131,7 @@ def wall_time(profile: str, repo: Path = REPO, artefacts: list[str] | None = Non
         if r.run_id in seconds:
             for key in (("variant", r.variant, r.model), ("method", r.config.method, r.model), ("model", r.model)):
                 by_key.setdefault(key, []).append(seconds[r.run_id])
+    ratio = relative_cost(profile, repo)
     rows, counted = [], set()
     for name, own in by_artefact.items():
         new = [r for r in own if r.run_id not in counted]
@@ -118,7 +140,9 @@ def wall_time(profile: str, repo: Path = REPO, artefacts: list[str] | None = Non
         left = 0.0
         for r in (r for r in new if r.run_id not in seconds):
             guess = next((m for m in (_mean(by_key.get(("variant", r.variant, r.model), [])),
-                                      _mean(by_key.get(("method", r.config.method, r.model), [])), _mean(done),
+                                      _mean(by_key.get(("method", r.config.method, r.model), [])),
+                                      ratio.get((r.model, r.config.method), math.nan)
+                                      * _mean(by_key.get(("method", "chainfed", r.model), [])), _mean(done),
                                       _mean(by_key.get(("model", r.model), [])))
                           if m == m), math.nan)
             left += guess

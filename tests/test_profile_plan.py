@@ -51,3 +51,21 @@ def test_each_run_is_counted_once_in_the_first_artefact_that_asks_for_it(tmp_pat
     assert table.iloc[-1]["runs"] == len(runs) == len({r.run_id for rs in by_artefact.values() for r in rs})
     assert table.iloc[1]["runs"] == len({r.run_id for r in by_artefact["obs1_memory_constrained"]}
                                         - {r.run_id for r in by_artefact["table1_main_results"]})
+
+
+def test_a_method_not_run_here_is_projected_from_its_cost_beside_chainfed_at_another_profile(tmp_path):
+    runs, _ = pp.plan("quick", ["table2_threshold"])
+    label = {(r.variant, r.partition): r for r in runs}
+    root = tmp_path / "results" / "runs" / "quick"
+    _record(root, label[("tau=1.0", "iid")], [100.0, 50.0])
+    _record(root, label[("tau=0.9", "iid")], [70.0], final_s=30.0)
+    model = label[("tau=1.0", "iid")].model
+    other = tmp_path / "results" / "runs" / "cpu-full"
+    for name, method, s in (("a", "chainfed", 10.0), ("b", "full_adapters", 30.0), ("c", "full_adapters", 30.0)):
+        (other / name).mkdir(parents=True)
+        (other / name / RECORD_FILE).write_text(json.dumps(
+            {"config": {"method": method, "model": {"name": model}}, "history": [{"seconds_round": s}]}))
+    assert pp.relative_cost("quick", tmp_path)[(model, "full_adapters")] == pytest.approx(3.0)
+    row = pp.wall_time("quick", tmp_path, ["table2_threshold"]).iloc[0]
+    # as before, but Full Adapters x 2 at 3x ChainFed's mean here (125 s)
+    assert row["hours left (projected)"] * 3600 == pytest.approx(150 + 100 + 2 * 125 + 2 * 375)
