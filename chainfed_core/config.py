@@ -200,6 +200,11 @@ class ChainConfig(Config):
         "Which head GPO's local loss reads the window's output with: 'shared', the model's head (the one "
         "the global branch ends in); 'stage', a head of the stage's own, one per window position, trained "
         "by the local loss alone and exchanged with the window (chainfed_core.gpo).", "shared", added="2026-12")
+    cycle: bool = option(
+        "After its ``passes`` the window keeps cycling from the start layer until the run stops (the "
+        "paper, Sec. 4.2: 'the process cycles iteratively, allowing for multiple passes'); False keeps "
+        "the last window for the rounds beyond them. ``passes`` is then the passes before the run may "
+        "stop as converged.", False, added="2026-12")
 
     def resolved_lambda(self, family: str) -> float:
         if self.gpo_lambda is not None:

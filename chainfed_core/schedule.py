@@ -3,7 +3,8 @@
 Layers are indexed 0..L-1. A window of W adapters starts at the chain's start layer s
 (chosen by FOAT) and moves one layer on every federated round, overlapping the previous
 window by W-1, until it covers the last layer; then the next pass starts again at s.
-W=1 is the plain chain (the "w/o DLCT" ablation).
+After ``passes`` passes the window stays at the last position, or with ``chain.cycle`` goes
+on cycling until the run stops. W=1 is the plain chain (the "w/o DLCT" ablation).
 
 At round r with window [p, p+W):
   - layers [0, p)   are frozen and only run forward (no gradients);
@@ -47,17 +48,19 @@ def total_rounds(num_layers: int, start_layer: int, window: int, passes: int) ->
     return stages_per_pass(num_layers, start_layer, window) * passes
 
 
-def stage_at(round_index: int, num_layers: int, start_layer: int, window: int, passes: int) -> Stage:
+def stage_at(round_index: int, num_layers: int, start_layer: int, window: int, passes: int,
+             cycle: bool = False) -> Stage:
     """Which layers are frozen, training and idle at ``round_index`` (0-based).
 
     Rounds past the schedule's end stay at the last stage of the last pass, so a federation
-    that runs longer than the chain keeps fine-tuning the final window end to end.
+    that runs longer than the chain keeps fine-tuning the final window end to end; with
+    ``cycle`` they start further passes from the start layer instead (``chain.cycle``).
     """
     _check(num_layers, start_layer, window, passes)
     if round_index < 0:
         raise ValueError(f"round_index must be >= 0, got {round_index}")
     per_pass = stages_per_pass(num_layers, start_layer, window)
-    r = min(round_index, per_pass * passes - 1)
+    r = round_index if cycle else min(round_index, per_pass * passes - 1)
     pass_index, stage_index = divmod(r, per_pass)
     begin = start_layer + stage_index
     end = min(begin + window, num_layers)

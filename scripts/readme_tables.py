@@ -116,7 +116,21 @@ def appf2(profile: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"table1 cpu-full": lambda: table1("cpu-full"), "table3 cpu": lambda: table3("cpu"),
+def gain(profile: str) -> str:
+    """Per Table 1 cell of ``profile``: ChainFed - Full Adapters in points, mean ± SE over the seeds
+    (each seed's difference; ``claims.per_cell_gain``), and the paper's DistilBERT difference."""
+    from chainfed_core import claims
+
+    lines = ["| cell | ChainFed − Full Adapters (points) | seeds | paper |", "|---|---|---|---|"]
+    for _, row in claims.per_cell_gain(profile).iterrows():
+        theirs = [paper.table1_cell(row["model"], row["dataset"], row["partition"], v) for v in ("ChainFed", "Full Adapters")]
+        cell = f"{row['dataset']} {row['partition'].replace('iid', 'IID').replace('dirichlet', 'Dirichlet')}"
+        lines.append(f"| {cell} | {row['gain']:+.2f} ± {row['se']:.2f} | {row['seeds']} | {theirs[0] - theirs[1]:+.2f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"table1 cpu-full": lambda: table1("cpu-full"), "table1 cpu": lambda: table1("cpu"),
+          "gain cpu": lambda: gain("cpu"), "table3 cpu": lambda: table3("cpu"),
           "fig10 cpu": lambda: fig10("cpu"), "appF2 cpu": lambda: appf2("cpu")}
 
 

@@ -139,6 +139,15 @@ def test_schedule_passes_wrap_around_to_the_start_layer():
     assert list(schedule.stage_at(10, 6, 2, 2, 2).training) == [4, 5]
 
 
+def test_cycling_goes_on_past_the_passes_from_the_start_layer():
+    # chain.cycle: round 10 of windows [2,3] [3,4] [4,5] is the fourth pass's second window
+    s = schedule.stage_at(10, 6, 2, 2, 2, cycle=True)
+    assert (s.pass_index, list(s.training), list(s.frozen)) == (3, [3, 4], [0, 1, 2])
+    assert [schedule.stage_at(r, 6, 2, 2, 2, cycle=True).new_pass for r in range(6, 10)] == [True, False, False, True]
+    # within the passes the two agree
+    assert all(schedule.stage_at(r, 6, 2, 2, 2, cycle=True) == schedule.stage_at(r, 6, 2, 2, 2) for r in range(6))
+
+
 def test_window_one_is_the_plain_chain_and_overlap_is_w_minus_one():
     assert [list(schedule.stage_at(r, 4, 0, 1, 1).training) for r in range(4)] == [[0], [1], [2], [3]]
     for r in range(3):

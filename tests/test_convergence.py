@@ -112,6 +112,18 @@ def test_chainfed_may_stop_only_after_its_chain_is_covered(tmp_path):
     assert len(full["history"]) == 2                     # no schedule to cover: the rule alone
 
 
+def test_a_cycling_chain_starts_new_passes_after_its_own(tmp_path):
+    data = tiny_config(rounds=6, eval_every=3)
+    data["chain"] = {**data["chain"], "passes": 1}
+    windows = {}
+    for cycle in (False, True):
+        data["chain"]["cycle"] = cycle
+        windows[cycle] = [tuple(m["window"]) for m in run(RunConfig.from_dict(data), tmp_path / str(cycle),
+                                                             progress=False)["history"]]
+    assert windows[False] == [(1, 3), (2, 4), (2, 4), (2, 4), (2, 4), (2, 4)]      # tiny-bert, start layer 1
+    assert windows[True] == [(1, 3), (2, 4)] * 3
+
+
 def test_speedup_and_communication_against_the_baseline_by_hand():
     import pandas as pd
 

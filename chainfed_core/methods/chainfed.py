@@ -3,7 +3,8 @@
 Its hyper-parameters are ``RunConfig.chain`` (:class:`chainfed_core.config.ChainConfig`):
 
 - DLCT: at round r the window ``[p, p+W)`` trains (``schedule.stage_at``), the layers before
-  it run forward only, the layers after it are not run;
+  it run forward only, the layers after it are not run; after ``chain.passes`` passes the window
+  stays at the last position, or with ``chain.cycle`` goes on cycling from the start layer;
 - GPO: the loss mixes in, with weight λ, the end-to-end loss through the later adapters
   and the head (``gpo.gpo_loss``); with ``chain.local_head="stage"`` the local loss reads
   with a head of the stage's own (one per window position, see ``gpo``): the server keeps
@@ -42,6 +43,8 @@ class ChainFed(Method):
         # GPO's other reading: the local loss from a head of the stage's own (``gpo``)
         "ChainFed (stage head)": {"chain": {"local_head": "stage"}},
         "w/o GPO (stage head)": {"chain": {"gpo_lambda": 0.0, "local_head": "stage"}},
+        # the window keeps cycling after its passes instead of staying at the last position
+        "ChainFed, cycling": {"chain": {"cycle": True}},
     }
 
     @classmethod
@@ -51,7 +54,8 @@ class ChainFed(Method):
         return TrainPlan(stage.frozen, stage.training, stage.idle, lam=lam, train_head=train_head)
 
     def plan(self, round_index: int, start_layer: int, window: int) -> TrainPlan:
-        stage = stage_at(round_index, self.num_layers, start_layer, window, self.config.chain.passes)
+        chain = self.config.chain
+        stage = stage_at(round_index, self.num_layers, start_layer, window, chain.passes, chain.cycle)
         return self.plan_at(self.num_layers, stage, self.config.chain.resolved_lambda(self.family))
 
     def widest_plan(self) -> TrainPlan:
