@@ -9,6 +9,10 @@ seeds, and variants in the order given: the comparison that matters first goes f
 
     .venv/bin/python scripts/run_profile.py --profile cpu --variants ChainFed "Full Adapters"
     .venv/bin/python scripts/run_profile.py --profile cpu --variants LP --dry-run     # what is left
+    .venv/bin/python scripts/run_profile.py --profile cpu --artefacts table2_threshold fig8_window_size
+
+``--artefacts`` takes the runs the named notebooks ask for (``profile_plan.ARTEFACTS``), each once,
+in the plan's order; ``--datasets``/``--partitions``/``--seeds`` narrow either selection.
 
 ``--workers N`` runs N runs at once in separate processes (``--threads`` each), for machines
 with the cores for it; the records are the same as one at a time (each run is a pure function
@@ -36,8 +40,13 @@ from chainfed_core.records import RECORD_FILE  # noqa: E402
 
 
 def ordered_runs(args) -> list[ex.Run]:
-    """The grid, seed-major, variants in the order given."""
+    """The grid, seed-major, variants in the order given; or the artefacts' runs in the plan's order."""
     p = ex.profile(args.profile)
+    if args.artefacts:
+        from chainfed_core.profile_plan import plan
+        keep = {"dataset": args.datasets, "partition": args.partitions, "seed": args.seeds}
+        return [r for r in plan(args.profile, args.artefacts)[0]
+                if all(values is None or getattr(r, key) in values for key, values in keep.items())]
     runs = []
     for seed in args.seeds if args.seeds is not None else p["seeds"]:
         runs += ex.grid(args.profile, args.variants, datasets=args.datasets, partitions=args.partitions, seeds=[seed])
@@ -119,7 +128,9 @@ def run_all(runs: list[ex.Run], root: Path, *, workers: int, threads: int, deadl
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", required=True, choices=list(ex.PROFILES))
-    parser.add_argument("--variants", nargs="+", required=True, help="variant names (experiments.VARIANTS)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variants", nargs="+", help="variant names (experiments.VARIANTS)")
+    which.add_argument("--artefacts", nargs="+", help="notebook names (profile_plan.ARTEFACTS): the runs they ask for")
     parser.add_argument("--datasets", nargs="+")
     parser.add_argument("--partitions", nargs="+")
     parser.add_argument("--seeds", nargs="+", type=int)
@@ -128,10 +139,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list what is left, run nothing")
     args = parser.parse_args(argv)
     try:
-        for v in args.variants:
+        for v in args.variants or []:
             ex.variant(v)                             # an unknown name fails here, before any run
     except ValueError as error:
         parser.error(str(error))
+    from chainfed_core.profile_plan import ARTEFACTS, INSTRUCT
+    unknown = [a for a in args.artefacts or [] if a not in {**ARTEFACTS, **INSTRUCT}]
+    if unknown:
+        parser.error(f"--artefacts: {unknown} not among {[*ARTEFACTS, *INSTRUCT]}")
     root = REPO / "results" / "runs" / args.profile
     runs = ordered_runs(args)
     todo = [r for r in runs if not (root / r.run_id / RECORD_FILE).exists()]

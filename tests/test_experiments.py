@@ -161,3 +161,25 @@ def test_run_profile_lists_what_is_left_and_refuses_unknown_variants(capsys):
     with pytest.raises(SystemExit):
         script.main(["--profile", "quick", "--variants", "Chainfed"])
     assert "variant: 'Chainfed' is not one of" in capsys.readouterr().err
+
+
+def test_run_profile_takes_a_notebooks_runs_by_artefact_name(capsys):
+    import importlib.util
+
+    from chainfed_core.profile_plan import plan
+
+    path = ex.Path(__file__).resolve().parent.parent / "scripts" / "run_profile.py"
+    spec = importlib.util.spec_from_file_location("run_profile", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.argparse.Namespace(profile="cpu", artefacts=["table2_threshold", "table4_ablation"],
+                                     datasets=None, partitions=None, seeds=None)
+    runs = script.ordered_runs(args)
+    assert [r.run_id for r in runs] == [r.run_id for r in plan("cpu", args.artefacts)[0]]
+    assert "w/o DLCT" in [r.variant for r in runs] and "tau=0.9" in [r.variant for r in runs]
+    assert script.ordered_runs(script.argparse.Namespace(**{**vars(args), "seeds": [1]})) == []
+    with pytest.raises(SystemExit):
+        script.main(["--profile", "cpu", "--artefacts", "table9"])
+    assert "--artefacts: ['table9'] not among" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                  # one selection or the other
+        script.main(["--profile", "cpu", "--artefacts", "table2_threshold", "--variants", "LP"])
