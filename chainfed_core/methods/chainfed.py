@@ -45,6 +45,7 @@ class ChainFed(Method):
         "w/o GPO (stage head)": {"chain": {"gpo_lambda": 0.0, "local_head": "stage"}},
         # the window keeps cycling after its passes instead of staying at the last position
         "ChainFed, cycling": {"chain": {"cycle": True}},
+        "w/o FOAT, cycling": {"chain": {"foat_tau": 1.0, "cycle": True}},
     }
 
     @classmethod
