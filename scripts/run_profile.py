@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from chainfed_core import experiments as ex  # noqa: E402
+from chainfed_core.profile_plan import ARTEFACTS, INSTRUCT, plan  # noqa: E402
 from chainfed_core.records import RECORD_FILE  # noqa: E402
 
 
@@ -43,7 +44,6 @@ def ordered_runs(args) -> list[ex.Run]:
     """The grid, seed-major, variants in the order given; or the artefacts' runs in the plan's order."""
     p = ex.profile(args.profile)
     if args.artefacts:
-        from chainfed_core.profile_plan import plan
         keep = {"dataset": args.datasets, "partition": args.partitions, "seed": args.seeds}
         return [r for r in plan(args.profile, args.artefacts)[0]
                 if all(values is None or getattr(r, key) in values for key, values in keep.items())]
@@ -143,7 +143,6 @@ def main(argv=None) -> int:
             ex.variant(v)                             # an unknown name fails here, before any run
     except ValueError as error:
         parser.error(str(error))
-    from chainfed_core.profile_plan import ARTEFACTS, INSTRUCT
     unknown = [a for a in args.artefacts or [] if a not in {**ARTEFACTS, **INSTRUCT}]
     if unknown:
         parser.error(f"--artefacts: {unknown} not among {[*ARTEFACTS, *INSTRUCT]}")

@@ -147,13 +147,19 @@ def test_the_cpu_profile_follows_the_papers_protocol():
     assert (runs["ChainFed"].chain.gpo_lambda, runs["ChainFed"].chain.foat_tau) == (0.2, 0.8)   # DistilBERT's, D.3
 
 
-def test_run_profile_lists_what_is_left_and_refuses_unknown_variants(capsys):
+def _run_profile_script():
+    """scripts/run_profile.py as a module."""
     import importlib.util
 
     path = ex.Path(__file__).resolve().parent.parent / "scripts" / "run_profile.py"
     spec = importlib.util.spec_from_file_location("run_profile", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_run_profile_lists_what_is_left_and_refuses_unknown_variants(capsys):
+    script = _run_profile_script()
     assert script.main(["--profile", "quick", "--variants", "LP", "ChainFed", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     head = re.fullmatch(r"quick: 4 runs, (\d) recorded, (\d) to run", out[0])      # both partitions of each
@@ -164,14 +170,9 @@ def test_run_profile_lists_what_is_left_and_refuses_unknown_variants(capsys):
 
 
 def test_run_profile_takes_a_notebooks_runs_by_artefact_name(capsys):
-    import importlib.util
-
     from chainfed_core.profile_plan import plan
 
-    path = ex.Path(__file__).resolve().parent.parent / "scripts" / "run_profile.py"
-    spec = importlib.util.spec_from_file_location("run_profile", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _run_profile_script()
     args = script.argparse.Namespace(profile="cpu", artefacts=["table2_threshold", "table4_ablation"],
                                      datasets=None, partitions=None, seeds=None)
     runs = script.ordered_runs(args)

@@ -57,7 +57,7 @@ class ChainFed(Method):
     def plan(self, round_index: int, start_layer: int, window: int) -> TrainPlan:
         chain = self.config.chain
         stage = stage_at(round_index, self.num_layers, start_layer, window, chain.passes, chain.cycle)
-        return self.plan_at(self.num_layers, stage, self.config.chain.resolved_lambda(self.family))
+        return self.plan_at(self.num_layers, stage, chain.resolved_lambda(self.family))
 
     def widest_plan(self) -> TrainPlan:
         stage = stage_at(0, self.num_layers, 0, self.num_layers, 1)     # one window over every layer
