@@ -279,6 +279,9 @@ class FedConfig(Config):
                                           "always run fed.rounds.", None, ge=1, added="2026-12")
     stop_tolerance: float = option("Accuracy (a fraction: 0.005 = 0.5 points) within which an evaluation "
                                    "counts as at the best, for stop_patience.", 0.005, ge=0, lt=1, added="2026-12")
+    stop_min_gain: float = option("A plateau counts only once the best test accuracy exceeds the first evaluation's "
+                                  "by at least this much (a fraction): a run stuck where it started, e.g. "
+                                  "predicting one class, keeps training.", 0.01, ge=0, lt=1, added="2026-12")
 
 
 @dataclass

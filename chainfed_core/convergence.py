@@ -2,10 +2,12 @@
 
 The paper trains "every method until the global model converges" (Appendix D.4) without
 saying how that is decided. The rule here, stated once and applied to every method alike
-(``fed.stop_patience``, ``fed.stop_tolerance``): after each evaluation of the global model,
-the run has **converged** when its last ``patience`` evaluations all lie within ``tolerance``
-of the best test accuracy it has reached so far; it then stops, otherwise it runs to
-``fed.rounds`` (the cap). The rule reads the test accuracy, as the paper's protocol implies
+(``fed.stop_patience``, ``fed.stop_tolerance``, ``fed.stop_min_gain``): after each evaluation
+of the global model, the run has **converged** when its last ``patience`` evaluations all lie
+within ``tolerance`` of the best test accuracy it has reached so far, and that best exceeds the
+first evaluation by at least ``min_gain``; it then stops, otherwise it runs to ``fed.rounds``
+(the cap). The gain condition keeps a run that sits flat where it started (a model predicting
+one class for its first evaluations while its training loss falls) from being called converged. The rule reads the test accuracy, as the paper's protocol implies
 (it has no validation split); a reader comparing methods should know that the stopping point
 is chosen on the data that is scored.
 
@@ -28,13 +30,15 @@ def evaluations(history: Sequence[dict]) -> list[tuple[int, float]]:
     return [(m["round"] + 1, m["test_accuracy"]) for m in history if "test_accuracy" in m]
 
 
-def converged(history: Sequence[dict], patience: Optional[int], tolerance: float) -> bool:
+def converged(history: Sequence[dict], patience: Optional[int], tolerance: float, min_gain: float = 0.0) -> bool:
     """Whether the last ``patience`` evaluations all lie within ``tolerance`` of the best so far
-    (never, with ``patience`` None: the run goes to its cap)."""
+    and the best is at least ``min_gain`` above the first evaluation (never, with ``patience``
+    None: the run goes to its cap)."""
     if patience is None:
         return False
     accs = [a for _, a in evaluations(history)]
-    return len(accs) >= patience and min(accs[-patience:]) >= max(accs) - tolerance - _EPS
+    return (len(accs) >= patience and min(accs[-patience:]) >= max(accs) - tolerance - _EPS
+            and max(accs) >= accs[0] + min_gain - _EPS)
 
 
 def convergence_round(history: Sequence[dict], tolerance: float) -> float:
@@ -75,4 +79,4 @@ def finished(config, state: dict, min_rounds: int = 0) -> bool:
     if state["round"] >= config.fed.rounds:
         return True
     return state["round"] >= min_rounds and converged(state["history"], config.fed.stop_patience,
-                                                      config.fed.stop_tolerance)
+                                                      config.fed.stop_tolerance, config.fed.stop_min_gain)

@@ -36,6 +36,10 @@ def test_the_rule_on_hand_made_curves():
     assert not cv.converged(plateau, None, 0.005)                     # no patience: never
     dip = history([0.70, 0.60, 0.69, 0.70])
     assert not cv.converged(dip, 3, 0.005) and cv.converged(dip, 2, 0.015)
+    assert not cv.converged(dip, 2, 0.015, min_gain=0.01)            # never rose above its first evaluation
+    flat = history([0.5235, 0.5240, 0.5235, 0.5235, 0.5240])           # one class predicted while the loss falls
+    assert cv.converged(flat, 5, 0.005) and not cv.converged(flat, 5, 0.005, min_gain=0.01)
+    assert cv.converged(plateau, 3, 0.005, min_gain=0.01)             # rose 20 points, then flat
     assert cv.convergence_round(plateau, 0.005) == 2.0                 # 0.70 is within 0.5 points of 0.702
     assert cv.convergence_round(history([0.5, 0.6], every=3), 0.0) == 6.0
     assert math.isnan(cv.convergence_round([{"round": 0}], 0.005))
@@ -49,8 +53,9 @@ def test_costs_are_counted_up_to_a_round():
 
 
 def test_a_run_stops_when_converged_and_a_rerun_does_not_train_again(tmp_path):
-    # tolerance 1.0: every evaluation is "at the best", so patience 2 with eval_every 1 stops after round 2 of 6
-    cfg = RunConfig.from_dict(tiny_config(rounds=6, eval_every=1, stop_patience=2, stop_tolerance=0.99))
+    # tolerance 0.99, no gain asked: every evaluation is "at the best", so patience 2 with eval_every 1 stops
+    # after round 2 of 6
+    cfg = RunConfig.from_dict(tiny_config(rounds=6, eval_every=1, stop_patience=2, stop_tolerance=0.99, stop_min_gain=0.0))
     record = run(cfg, tmp_path, progress=False)
     assert [m["round"] for m in record["history"]] == [0, 1] and record["stopped"] == "converged"
     again = run(cfg, tmp_path, progress=False)
@@ -68,10 +73,21 @@ def test_the_rule_leaves_older_configs_alone():
         RunConfig.from_dict(tiny_config(stop_patience=0))
     with pytest.raises(ValueError, match="FedConfig.stop_tolerance"):
         RunConfig.from_dict(tiny_config(stop_tolerance=-0.1))
+    assert "stop_min_gain" not in stopping.to_dict()["fed"]
+    with pytest.raises(ValueError, match="FedConfig.stop_min_gain"):
+        RunConfig.from_dict(tiny_config(stop_min_gain=1.5))
+
+
+def test_a_run_flat_at_its_start_is_not_stopped(tmp_path):
+    # the same run as above, but asking a gain no tiny run reaches: the plateau does not count, it runs to its cap
+    cfg = RunConfig.from_dict(tiny_config(rounds=4, eval_every=1, stop_patience=2, stop_tolerance=0.99,
+                                          stop_min_gain=0.99))
+    record = run(cfg, tmp_path, progress=False)
+    assert len(record["history"]) == 4 and record["stopped"] == "rounds"
 
 
 def test_a_stopping_run_killed_midway_resumes_bitwise(tmp_path):
-    cfg = RunConfig.from_dict(tiny_config(rounds=8, eval_every=1, stop_patience=3, stop_tolerance=0.99))
+    cfg = RunConfig.from_dict(tiny_config(rounds=8, eval_every=1, stop_patience=3, stop_tolerance=0.99, stop_min_gain=0.0))
     killed, reference = assert_kill_9_resumes_bitwise(cfg, tmp_path, after_rounds=1)
     record = json.loads((killed / RECORD_FILE).read_text())
     assert len(record["history"]) == 3 and record["stopped"] == "converged"
@@ -103,7 +119,7 @@ def test_a_method_no_device_holds_is_recorded_as_the_papers_dash(tmp_path):
 
 
 def test_chainfed_may_stop_only_after_its_chain_is_covered(tmp_path):
-    data = tiny_config(rounds=8, eval_every=1, stop_patience=2, stop_tolerance=0.99)
+    data = tiny_config(rounds=8, eval_every=1, stop_patience=2, stop_tolerance=0.99, stop_min_gain=0.0)
     data["chain"] = {**data["chain"], "passes": 2}
     chain = run(RunConfig.from_dict(data), tmp_path / "chain", progress=False)
     layers = 4                                           # tiny-bert; the window [1, 3) slides over 2 positions
