@@ -130,3 +130,23 @@ def paired_difference(df, a: str, b: str) -> tuple[float, float, int]:
         return float(per_seed.mean()), math.nan, 1
     var = [(pa * (1 - pa) + pb * (1 - pb)) / tests.loc[k].max() for k, pa, pb in zip(pivot.index, pivot[a], pivot[b])]
     return float(per_seed.mean()), 100 * math.sqrt(sum(var)) / len(var), 1
+
+
+def seed_curves(df, by: Sequence[str] = ("variant", "dataset", "partition")):
+    """Long frame of every run's test curve (``seed``, ``round``, ``accuracy``, ``held``) for
+    averaging over seeds: a run the stopping rule ended early holds its last accuracy (``held``)
+    at the later evaluated rounds of the longest run in its ``by`` group, since its model no
+    longer changes; each round's mean is then over the same seeds, not over the runs still going."""
+    import pandas as pd
+
+    rows = []
+    for _, group in df.groupby(list(by), sort=False):
+        rounds = sorted({point[0] for curve in group["curve"] for point in curve})
+        for r in group[group["curve"].map(len) > 0].itertuples():
+            own = {rnd: acc for rnd, acc, *_ in r.curve}
+            stop, final = r.curve[-1][0], r.curve[-1][1]
+            for rnd in rounds:
+                if rnd in own or rnd > stop:
+                    rows.append({**{k: getattr(r, k) for k in by}, "seed": r.seed, "round": rnd,
+                                 "accuracy": own.get(rnd, final), "held": rnd not in own})
+    return pd.DataFrame(rows)

@@ -160,3 +160,19 @@ def test_speedup_and_communication_against_the_baseline_by_hand():
     assert out.loc["ChainFed", ["speedup_to_baseline", "comm_reduction_to_baseline"]].tolist() == [2.0, 8.0]
     assert out.loc["Full Adapters", "speedup"] == 1.0
     assert math.isnan(out.loc["LP", "speedup_to_baseline"]) and out.loc["LP", "speedup"] == 4.0   # never reaches 80%
+
+
+def test_seed_curves_hold_a_stopped_runs_last_accuracy():
+    import pandas as pd
+
+    from chainfed_core import tables
+
+    cell = {"variant": "Full Adapters", "dataset": "d", "partition": "iid"}
+    df = pd.DataFrame([{**cell, "seed": 0, "curve": [(2, 0.5, 1), (4, 0.7, 2), (6, 0.8, 3)]},
+                       {**cell, "seed": 1, "curve": [(2, 0.6, 1), (4, 0.9, 2)]},          # stopped at round 4
+                       {**cell, "seed": 2, "curve": []}])                                    # no evaluation: left out
+    curves = tables.seed_curves(df)
+    at6 = curves[curves["round"] == 6].set_index("seed")
+    assert at6["accuracy"].to_dict() == {0: 0.8, 1: 0.9} and at6["held"].to_dict() == {0: False, 1: True}
+    assert len(curves) == 6 and not curves[curves["round"] < 6]["held"].any()
+    assert curves.groupby("round")["accuracy"].count().tolist() == [2, 2, 2]   # every round over both seeds
