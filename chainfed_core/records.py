@@ -50,13 +50,16 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _read_code_version() -> str | None:
-    """The git commit of the tree this package lies in, with ``+dirty`` if tracked files differ from it."""
-    root = Path(__file__).resolve().parent.parent
+def _read_code_version(root: Path | None = None) -> str | None:
+    """The git commit of the tree this package lies in, with ``+dirty`` if tracked files other than
+    outputs (``results/``, ``figures/``: records, summaries, rendered figures) differ from it, so a
+    batch of notebooks rendered one after another stamps the code, not its neighbours' outputs."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results", ":(exclude)figures"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -108,6 +108,27 @@ def test_code_version_is_read_once_at_import(monkeypatch):
     assert records.code_version() == first
 
 
+def test_code_version_is_dirty_for_code_not_for_outputs(tmp_path):
+    """A rewritten summary or figure does not mark the code dirty; an edited module does."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    for path in ("results/a/summary.json", "figures/a.png", "chainfed_core/m.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    clean = records._read_code_version(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "results/a/summary.json").write_text("1")
+    (tmp_path / "figures/a.png").write_text("1")
+    assert records._read_code_version(tmp_path) == clean
+    (tmp_path / "chainfed_core/m.py").write_text("1")
+    assert records._read_code_version(tmp_path) == clean + "+dirty"
+
+
 def test_executed_report_has_its_figures_and_no_stderr(tmp_path, monkeypatch, capfd):
     """A result notebook run as `make report` runs it: figures inline even with MPLBACKEND=Agg
     in the environment, tables formatted, no stderr kept, progress on the terminal."""
