@@ -24,6 +24,19 @@ def mean_se(df, by: Sequence[str], metric: str = "accuracy", scale: float = 100.
     return out.drop(columns="std")
 
 
+def error_bars(df, by: Sequence[str]):
+    """:func:`mean_se` of accuracy (%) for a figure's error bars: where a group has one seed its
+    SE is the test set's, sqrt(p(1 - p) / n_test), so a one-seed ablation still shows how far a
+    difference is from sampling noise."""
+    out = mean_se(df, by)
+    if "test_examples" in df:
+        n_test = df.groupby(list(by), sort=False)["test_examples"].max()
+        p = out["mean"] / 100
+        one = out["se"].isna() & (out["n"] == 1)
+        out.loc[one, "se"] = (100 * (p * (1 - p) / n_test).pow(0.5))[one]
+    return out
+
+
 def text(mean: float, se: float, digits: int = 1) -> str:
     """``"70.3 ± 1.2"``; the mean alone where the SE is undefined (one seed), "not run" for NaN."""
     if mean != mean:

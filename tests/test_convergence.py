@@ -176,3 +176,16 @@ def test_seed_curves_hold_a_stopped_runs_last_accuracy():
     assert at6["accuracy"].to_dict() == {0: 0.8, 1: 0.9} and at6["held"].to_dict() == {0: False, 1: True}
     assert len(curves) == 6 and not curves[curves["round"] < 6]["held"].any()
     assert curves.groupby("round")["accuracy"].count().tolist() == [2, 2, 2]   # every round over both seeds
+
+
+def test_error_bars_fall_back_to_the_test_sets_se_for_one_seed():
+    import pandas as pd
+
+    from chainfed_core import tables
+
+    df = pd.DataFrame({"variant": ["a", "b", "b"], "seed": [0, 0, 1], "accuracy": [0.8, 0.7, 0.9],
+                       "test_examples": [2000, 2000, 2000]})
+    bars = tables.error_bars(df, ["variant"])
+    assert bars.loc["a", "se"] == pytest.approx(100 * (0.8 * 0.2 / 2000) ** 0.5)
+    assert bars.loc["b", "se"] == pytest.approx(10.0)          # two seeds: the SE over seeds
+    assert bars.loc["b", "mean"] == pytest.approx(80.0)
