@@ -2,6 +2,7 @@
 figures, the report index, and provenance read once per process."""
 
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -163,3 +164,20 @@ def test_the_report_opens_with_the_claims_table(tmp_path):
     for text in ("Table 1: ChainFed beats Full Adapters", "Peak memory: Full Adapters / ChainFed", "verdict"):
         assert text in index
     assert "reproduced" in index                    # the memory claims read the committed benchmark records
+
+
+def test_a_baseline_no_device_holds_reads_as_the_papers_dash_on_the_claims_page(tmp_path):
+    from chainfed_core import claims
+
+    cell = {"model": "m", "dataset": "d", "partition": "iid", "seed": 0, "test_examples": 100}
+    runs = [{**cell, "variant": "ChainFed", "status": "complete", "accuracy": 0.8},
+            {**cell, "variant": "Full Adapters", "status": "complete", "accuracy": 0.7},
+            {**cell, "variant": "C2A", "status": "could not run", "accuracy": None}]
+    where = tmp_path / "results" / "table1_main_results" / "p"
+    where.mkdir(parents=True)
+    (where / "summary.json").write_text(json.dumps({"runs": runs}))
+    rows = {r.claim: r for r in claims.table1_claims("p", repo=tmp_path)}
+    assert rows["Table 1: ChainFed beats C2A"].ours.startswith("— (no device holds C2A")
+    assert rows["Table 1: ChainFed beats C2A"].verdict == claims.NOT_RUN
+    assert rows["Table 1: ChainFed beats FLoRA"].ours == claims.NOT_RUN          # no record at all
+    assert rows["Table 1: ChainFed beats Full Adapters (average points, DistilBERT role)"].verdict != claims.NOT_RUN
