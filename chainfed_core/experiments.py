@@ -232,7 +232,7 @@ def summarise(run: Run, record: dict) -> dict[str, Any]:
             "partition": run.partition, "seed": run.seed, "run_id": run.run_id,
             "status": record.get("status", "complete"), "eligible_clients": record.get("eligible_clients"),
             "accuracy": curve[-1][1] if curve else math.nan, "rounds": len(history), "bytes_total": total,
-            "peak_memory_bytes": peak_memory_bytes(cfg, record.get("window") or cfg.chain.window),
+            "peak_memory_bytes": peak_memory_bytes(cfg, record.get("held_window") or record.get("window") or cfg.chain.window),
             "stopped": record.get("stopped"), "rounds_to_converge": converged["rounds"],
             "test_examples": _test_examples(record, cfg),
             "bytes_to_converge": converged["bytes"], "client_s_to_converge": converged["client_seconds"],

@@ -98,7 +98,7 @@ def run_record(config: RunConfig, server: Server, started: float, **extra) -> di
     history = server.state["history"]
     return make_record(config.to_dict(), seed=config.seed, wall_s=time.perf_counter() - started, history=history,
                        failures=[f for m in history for f in m["failures"]],
-                       start_layer=server.state["start_layer"], window=server.window,
+                       start_layer=server.state["start_layer"], window=server.window, held_window=server.held_window,
                        foat_scores=server.state["foat_scores"], eligible_clients=int(len(server.eligible)),
                        num_clients=config.data.num_clients, need_gb=server.need_bytes / server.bytes_per_gb,
                        final=history[-1] if history else {},

@@ -49,6 +49,7 @@ class Server:
             return get_method(name).peak_bytes(backbone.config, w, batch_size=cfg.train.batch_size, seq_len=seq_len,
                                                bottleneck=cfg.adapter.bottleneck, optimizer=cfg.train.optimizer,
                                                dtype=dtype).total
+        self._peak = peak
         self.bytes_per_gb = cfg.fed.memory_scale or peak("full_adapters", L) / LARGEST_DEVICE_GB
         capacity = np.asarray(capacity_gb, dtype=np.float64) * self.bytes_per_gb
         self.window = self.method.choose_window(capacity, lambda w: peak(cfg.method, w))
@@ -64,6 +65,20 @@ class Server:
         self.capacity_bytes = capacity
         self._backbone = backbone
         self._names: dict = {}
+        self.held_window = self.window
+        self._fit_to_start()
+
+    def _fit_to_start(self) -> None:
+        """Once the start layer is known, eligibility follows the window a client really holds:
+        a window wider than the layers left after the start is clipped
+        (:meth:`~chainfed_core.methods.Method.held_window`), so it needs fewer bytes and more
+        devices hold it. Before FOAT has chosen the start, the estimate counts the whole window."""
+        start = self.state["start_layer"]
+        held = self.window if start is None else self.method.held_window(start, self.window)
+        if held != self.held_window:
+            self.held_window = held
+            self.need_bytes = self._peak(self.config.method, held)
+            self.eligible = self._eligible(self.capacity_bytes)
 
     def _eligible(self, capacity: np.ndarray) -> np.ndarray:
         cfg, need, per_gb = self.config, self.need_bytes, self.bytes_per_gb
@@ -103,6 +118,7 @@ class Server:
         tau = self.config.chain.resolved_tau(self._backbone.family)
         self.state["foat_scores"] = scores.tolist()
         self.state["start_layer"] = foat.start_layer(scores, tau)
+        self._fit_to_start()
         return self.state["start_layer"]
 
     # -- rounds
@@ -183,3 +199,4 @@ class Server:
         saved.pop("window")
         self.state = {**saved, "history": history[:saved["round"]]}
         self.method.state = self.state.setdefault("method", {})
+        self._fit_to_start()

@@ -256,3 +256,29 @@ def test_a_tied_lm_head_counts_as_the_untied_copy_the_runs_hold():
     assert tied.tie_word_embeddings                                  # the caller's config is left as it was
 
 
+
+
+def test_eligibility_follows_the_window_the_chain_really_holds():
+    """A window wider than the layers left after the start layer is clipped, so once the start
+    is known the estimate counts the clipped window and more devices hold it."""
+    import numpy as np
+
+    from chainfed_core.config import RunConfig
+    from chainfed_core.server import Server
+
+    def server(window, start):
+        cfg = RunConfig.from_dict({
+            "method": "chainfed", "seed": 0, "model": {"name": "tiny-bert"}, "adapter": {"bottleneck": 4},
+            "chain": {"window": window, "start_layer": start, "foat_tau": 0.8},
+            "data": {"dataset": "synthetic", "num_clients": 40},
+            "fed": {"clients_per_round": 3, "memory_aware": True, "fewer_eligible": True}})
+        return Server(cfg, tiny_backbone("bert", num_layers=4), np.linspace(1.0, 12.0, 40), seq_len=16)
+
+    clipped, narrow, whole = server(4, 2), server(2, 2), server(4, 0)
+    assert clipped.held_window == 2 and whole.held_window == 4
+    assert clipped.need_bytes == narrow.need_bytes < whole.need_bytes
+    assert list(clipped.eligible) == list(narrow.eligible) and len(clipped.eligible) > len(whole.eligible)
+    chosen = server(4, None)                                   # FOAT: the whole window until the start is known
+    assert chosen.need_bytes == whole.need_bytes
+    chosen.set_start([[0.99, 0.95, 0.5, 0.4]], [1.0])         # layer 2 is the first below τ = 0.8
+    assert chosen.state["start_layer"] == 2 and list(chosen.eligible) == list(narrow.eligible)

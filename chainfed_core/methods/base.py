@@ -165,6 +165,11 @@ class Method:
         """The window W, given device capacities (bytes) and ``peak(method, w)`` in bytes."""
         return self.config.chain.window
 
+    def held_window(self, start_layer: int, window: int) -> int:
+        """The most layers of the window a client holds once the chain starts at ``start_layer``:
+        ``window`` by default; ChainFed's is clipped to the layers left after the start."""
+        return window
+
     def min_rounds(self, start_layer: int, window: int) -> int:
         """Rounds before the convergence rule (``fed.stop_patience``) may stop the run: none by
         default; ChainFed's schedule must first cover its chain."""

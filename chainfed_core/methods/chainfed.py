@@ -119,6 +119,9 @@ class ChainFed(Method):
                 window = max(w for w in range(1, self.num_layers + 1) if w == 1 or peak(w) <= smallest)
         return window
 
+    def held_window(self, start_layer: int, window: int) -> int:
+        return min(window, self.num_layers - start_layer)
+
     def min_rounds(self, start_layer: int, window: int) -> int:
         """Every window position of every pass trains before the run may stop as converged: a
         plateau while the window still slides says nothing about the layers it has not reached."""
