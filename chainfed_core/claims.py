@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paper
-from .tables import paired_difference
+from .tables import could_not_run, paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
 REPRODUCED, NOT_REPRODUCED, UNCLEAR, NOT_RUN = ("reproduced", "not reproduced", "not distinguishable at this scale",
@@ -48,14 +48,22 @@ def summary(artefact: str, profile: str, repo: Path = REPO) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _runs(artefact: str, profile: str, repo: Path):
+def _all_runs(artefact: str, profile: str, repo: Path):
+    """Every run of the artefact's summary, whatever its status (None without one), and where it is."""
     import pandas as pd
 
     s = summary(artefact, profile, repo)
-    if not s or not s.get("runs"):
-        return None, f"results/{artefact}/{profile}/summary.json"
-    df = pd.DataFrame(s["runs"])
-    return df[df["status"].fillna("complete") == "complete"], f"results/{artefact}/{profile}/summary.json"
+    where = f"results/{artefact}/{profile}/summary.json"
+    return (pd.DataFrame(s["runs"]) if s and s.get("runs") else None), where
+
+
+def _complete(df):
+    return None if df is None else df[df["status"].fillna("complete") == "complete"]
+
+
+def _runs(artefact: str, profile: str, repo: Path):
+    df, where = _all_runs(artefact, profile, repo)
+    return _complete(df), where
 
 
 def verdict(diff: float, se: float) -> str:
@@ -74,18 +82,10 @@ def _gain_claim(df, where: str, a: str, b: str, paper_gain: float, label: str) -
     return Claim(label, f"{paper_gain:+.2f}", ours, where, verdict(d, se))
 
 
-def _held_by_no_device(artefact: str, profile: str, repo: Path) -> set[str]:
-    """Variants every one of whose runs in the summary is recorded "could not run" (no device holds them)."""
-    s = summary(artefact, profile, repo)
-    status: dict[str, set] = {}
-    for r in (s or {}).get("runs", []):
-        status.setdefault(r["variant"], set()).add(r.get("status") or "complete")
-    return {v for v, seen in status.items() if seen == {"could not run"}}
-
-
 def table1_claims(profile: str, repo: Path = REPO) -> list[Claim]:
-    df, where = _runs("table1_main_results", profile, repo)
-    blocked = _held_by_no_device("table1_main_results", profile, repo)
+    every, where = _all_runs("table1_main_results", profile, repo)
+    df = _complete(every)
+    blocked = set() if every is None else set(could_not_run(every, ["variant"]))   # no device holds them
     rows = [_gain_claim(df, where, "ChainFed", "Full Adapters", paper.TEXT["avg_gain_over_full_adapters_distilbert"].value,
                         "Table 1: ChainFed beats Full Adapters (average points, DistilBERT role)")]
     for b in (*paper.TABLE1_METHODS[2:8], "LP"):

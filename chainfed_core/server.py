@@ -54,26 +54,24 @@ class Server:
         capacity = np.asarray(capacity_gb, dtype=np.float64) * self.bytes_per_gb
         self.window = self.method.choose_window(capacity, lambda w: peak(cfg.method, w))
         cfg.chain.replace(window=self.window).validate_for(L)
-        self.need_bytes = peak(cfg.method, self.window)
-        self.eligible = self._eligible(capacity)
+        self.capacity_bytes = capacity
+        self.held_window: int | None = None
+        start = self.method.initial_start_layer()
+        self._fit_to_start(start)                  # need_bytes, eligible: before any model state is built
         self.state: dict[str, Any] = {
-            "round": 0, "start_layer": self.method.initial_start_layer(), "foat_scores": None,
+            "round": 0, "start_layer": start, "foat_scores": None,
             "global": self.method.initial_state(backbone),
             "versions": {}, "last_sync": np.full(len(capacity), -1, dtype=np.int64), "history": [],
             "method": self.method.state,
         }
-        self.capacity_bytes = capacity
         self._backbone = backbone
         self._names: dict = {}
-        self.held_window = self.window
-        self._fit_to_start()
 
-    def _fit_to_start(self) -> None:
+    def _fit_to_start(self, start: int | None) -> None:
         """Once the start layer is known, eligibility follows the window a client really holds:
         a window wider than the layers left after the start is clipped
         (:meth:`~chainfed_core.methods.Method.held_window`), so it needs fewer bytes and more
         devices hold it. Before FOAT has chosen the start, the estimate counts the whole window."""
-        start = self.state["start_layer"]
         held = self.window if start is None else self.method.held_window(start, self.window)
         if held != self.held_window:
             self.held_window = held
@@ -118,7 +116,7 @@ class Server:
         tau = self.config.chain.resolved_tau(self._backbone.family)
         self.state["foat_scores"] = scores.tolist()
         self.state["start_layer"] = foat.start_layer(scores, tau)
-        self._fit_to_start()
+        self._fit_to_start(self.state["start_layer"])
         return self.state["start_layer"]
 
     # -- rounds
@@ -199,4 +197,4 @@ class Server:
         saved.pop("window")
         self.state = {**saved, "history": history[:saved["round"]]}
         self.method.state = self.state.setdefault("method", {})
-        self._fit_to_start()
+        self._fit_to_start(self.state["start_layer"])

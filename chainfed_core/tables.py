@@ -52,7 +52,7 @@ def beside_paper(df, variants: Sequence[str], paper_cell: Callable, *, cells: Se
     import pandas as pd
 
     stats = mean_se(df, [*cells, "variant"])
-    blocked = set(_could_not_run(df, [*cells, "variant"]))
+    blocked = set(could_not_run(df, [*cells, "variant"]))
     rows = {v: {} for v in variants}
     for key in dict.fromkeys(tuple(k[:-1]) for k in stats.index):
         label = " ".join(str(k) for k in key[1:]) if len({k[0] for k in stats.index}) == 1 else " ".join(map(str, key))
@@ -66,7 +66,7 @@ def beside_paper(df, variants: Sequence[str], paper_cell: Callable, *, cells: Se
     return frame.rename_axis("method")
 
 
-def _could_not_run(df, by: Sequence[str]) -> list[tuple]:
+def could_not_run(df, by: Sequence[str]) -> list[tuple]:
     """The ``by`` groups in which every run's record says no device could hold the method."""
     if "status" not in df:
         return []
