@@ -13,8 +13,8 @@ from chainfed_core.config import RunConfig
 from chainfed_core.federated import run
 from chainfed_core.memory_meter import MemoryMeter
 from chainfed_core.methods import get_method
-from chainfed_core.methods.fwdllm import (REFERENCE, VARIANCE, central_difference, half_variance, local_steps,
-                                          lr_at, pooled_variance, sample_perturbation)
+from chainfed_core.methods.fwdllm import (REFERENCE, UNMEASURED, VARIANCE, central_difference, half_variance,
+                                          local_steps, lr_at, pooled_variance, sample_perturbation)
 from chainfed_core.task import build_task
 from chainfed_core.tiny import tiny_backbone, tiny_batch, tiny_config, tiny_dataset
 from chainfed_core.train import get_state, tensors_by_name, trainable_names
@@ -51,6 +51,7 @@ def test_schedule_variance_and_steps_are_exact():
     assert pooled_variance([0.4, 0.2], [1.0, 3.0]) == (1 * 0.4 + 9 * 0.2) / 16
     assert pooled_variance([0.4, math.nan], [2.0, 5.0]) == 0.4
     assert math.isnan(pooled_variance([math.nan], [3.0]))
+    assert pooled_variance([0.4, UNMEASURED], [2.0, 5.0]) == 0.4
     assert local_steps(20, 8, 2, None) == 6 and local_steps(20, 8, 2, 4) == 4
 
 
@@ -123,6 +124,19 @@ def test_no_backward_pass_ever_runs_on_a_client(monkeypatch):
     assert math.isfinite(float(result.state[VARIANCE]))
     assert all(torch.equal(a, b) for a, b in zip(before.values(), get_state(bb, before).values()))
     assert any(bool(result.state[n].any()) for n in names)
+
+
+def test_a_client_with_one_batch_is_averaged_not_rejected():
+    """One forward gradient has no two halves to compare: its variance is UNMEASURED (finite),
+    so validation lets its gradient into the average and the pacing ignores the scalar."""
+    from chainfed_core.validation import update_problem
+
+    bb = tiny_backbone("bert", seed=0)
+    method = method_for(RunConfig.from_dict(fwd_config()), bb)
+    result = method.client_update(bb, tiny_dataset(5), method.widest_plan(), seed=5)
+    window = get_state(bb, trainable_names(bb, method.widest_plan()))
+    assert result.steps == 1 and float(result.state[VARIANCE]) == UNMEASURED
+    assert update_problem(result.state, window, result.num_examples, same_names=False) is None
 
 
 # ---------------------------------------------------------------------- configs, grid

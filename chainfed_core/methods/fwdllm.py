@@ -67,6 +67,8 @@ from ..config import Config, option
 
 REFERENCE = "fwdllm.reference"        # global name of the last global gradient (flat, |θ|)
 VARIANCE = "fwdllm.variance"          # the scalar a client uploads beside its gradient
+UNMEASURED = -1.0                     # its value from a client with one forward gradient (no halves):
+                                      # finite, so the update passes validation; a variance is >= 0
 THRESHOLDS = {"distilbert": 0.1, "bert": 0.2, "roberta": 0.2}   # the original's; others take BERT's
 
 
@@ -145,8 +147,9 @@ def half_variance(first_sum: list, n_first: int, second_sum: list, n_second: int
 
 def pooled_variance(variances: list[float], weights: list[float]) -> float:
     """Variance statistic of the weighted mean of independent estimates: sum_i w_i^2 var_i,
-    w_i = n_i / sum_j n_j over the estimates that measured one (NaN: none did)."""
-    measured = [(v, n) for v, n in zip(variances, weights) if math.isfinite(v)]
+    w_i = n_i / sum_j n_j over the estimates that measured one (not NaN, not ``UNMEASURED``;
+    NaN: none did)."""
+    measured = [(v, n) for v, n in zip(variances, weights) if math.isfinite(v) and v >= 0]
     total = sum(n for _, n in measured)
     return sum(n * n * v for v, n in measured) / total ** 2 if measured else math.nan
 
@@ -246,6 +249,7 @@ class FwdLLM(Method):
                     break
             variance = half_variance(halves[0], planned // 2, halves[1], steps - planned // 2)
             upload = {n: g / steps for n, g in zip(names, total)}
+        variance = variance if math.isfinite(variance) else UNMEASURED
         upload[VARIANCE] = torch.tensor([variance], dtype=params[0].dtype, device=params[0].device)
         return LocalResult(state=pack(upload), num_examples=len(dataset), steps=steps,
                            loss=sum(losses) / len(losses), accuracy=correct / seen if seen else math.nan,
