@@ -76,10 +76,11 @@ class Server:
         if held != self.held_window:
             self.held_window = held
             self.need_bytes = self._peak(self.config.method, held)
-            self.eligible = self._eligible(self.capacity_bytes)
+            self.eligible = self._eligible(self.need_bytes)
 
-    def _eligible(self, capacity: np.ndarray) -> np.ndarray:
-        cfg, need, per_gb = self.config, self.need_bytes, self.bytes_per_gb
+    def _eligible(self, need: int) -> np.ndarray:
+        """The clients whose device holds ``need`` bytes (every client without ``fed.memory_aware``)."""
+        cfg, capacity, per_gb = self.config, self.capacity_bytes, self.bytes_per_gb
         fits = capacity >= need
         if not fits.any():
             raise NoEligibleClient(f"RunConfig.method: no client can fit {cfg.method!r}: it needs {need / per_gb:.2f} "
@@ -108,8 +109,13 @@ class Server:
         return self.state["start_layer"] is None
 
     def foat_clients(self) -> list[int]:
-        k = self.clients_per_round
-        return sample_clients(self.config.seed, 0, self.eligible, k, tag=FOAT)
+        """FOAT's profiling sample: K clients drawn from those whose device holds the chain's
+        narrowest window (W = 1). The profile is a forward pass of the frozen, streamed model,
+        which such a device can run, so who profiles, and so the start layer, does not depend
+        on the window W the run trains."""
+        pool = self._eligible(self._peak(self.config.method, 1))
+        k = min(self.config.fed.clients_per_round, len(pool))
+        return sample_clients(self.config.seed, 0, pool, k, tag=FOAT)
 
     def set_start(self, client_scores: list[list[float]], weights: list[float]) -> int:
         scores = foat.aggregate_scores(client_scores, weights)

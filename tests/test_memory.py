@@ -282,3 +282,24 @@ def test_eligibility_follows_the_window_the_chain_really_holds():
     assert chosen.need_bytes == whole.need_bytes
     chosen.set_start([[0.99, 0.95, 0.5, 0.4]], [1.0])         # layer 2 is the first below τ = 0.8
     assert chosen.state["start_layer"] == 2 and list(chosen.eligible) == list(narrow.eligible)
+
+
+def test_who_profiles_for_foat_does_not_depend_on_the_window():
+    """FOAT's sample comes from the devices that hold W = 1 (the profile is a streamed forward
+    pass), so a wide window, which fewer devices hold, profiles on the same clients."""
+    import numpy as np
+
+    from chainfed_core.config import RunConfig
+    from chainfed_core.server import Server
+
+    def server(window):
+        cfg = RunConfig.from_dict({
+            "method": "chainfed", "seed": 0, "model": {"name": "tiny-bert"}, "adapter": {"bottleneck": 4},
+            "chain": {"window": window, "foat_tau": 0.8}, "data": {"dataset": "synthetic", "num_clients": 40},
+            "fed": {"clients_per_round": 5, "memory_aware": True, "fewer_eligible": True}})
+        return Server(cfg, tiny_backbone("bert", num_layers=4), np.linspace(1.0, 12.0, 40), seq_len=16)
+
+    narrow, wide = server(1), server(4)
+    assert len(wide.eligible) < len(narrow.eligible)
+    assert wide.foat_clients() == narrow.foat_clients()
+    assert set(narrow.foat_clients()) <= set(narrow.eligible)
