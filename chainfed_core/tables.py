@@ -145,6 +145,23 @@ def paired_difference(df, a: str, b: str) -> tuple[float, float, int]:
     return float(per_seed.mean()), 100 * math.sqrt(sum(var)) / len(var), 1
 
 
+def paired_ratio(df, variant: str, col: str) -> tuple[float, float, int, int]:
+    """Geometric mean of ``variant``'s ratio column ``col`` (a :func:`versus` column: the
+    baseline's cost over the run's, one per cell and seed), with the standard error of its log:
+    each seed's log-ratios averaged over its cells, then mean ± SE over seeds; with one seed,
+    the SE over its cells. Returns (ratio, SE of log ratio, seeds, runs); NaN where none has it."""
+    import numpy as np
+
+    rows = df[(df["variant"] == variant)] if col in df else df.iloc[:0]
+    logs = rows.assign(log=np.log(rows[col].astype(float)) if len(rows) else []).dropna(subset=["log"])
+    if logs.empty:
+        return math.nan, math.nan, 0, 0
+    per_seed = logs.groupby("seed")["log"].mean()
+    spread = per_seed if len(per_seed) > 1 else logs["log"]
+    se = float(spread.std(ddof=1) / math.sqrt(len(spread))) if len(spread) > 1 else math.nan
+    return float(np.exp(per_seed.mean())), se, len(per_seed), len(logs)
+
+
 def seed_curves(df, by: Sequence[str] = ("variant", "dataset", "partition")):
     """Long frame of every run's test curve (``seed``, ``round``, ``accuracy``, ``held``) for
     averaging over seeds: a run the stopping rule ended early holds its last accuracy (``held``)

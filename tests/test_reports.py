@@ -181,3 +181,39 @@ def test_a_baseline_no_device_holds_reads_as_the_papers_dash_on_the_claims_page(
     assert rows["Table 1: ChainFed beats C2A"].verdict == claims.NOT_RUN
     assert rows["Table 1: ChainFed beats FLoRA"].ours == claims.NOT_RUN          # no record at all
     assert rows["Table 1: ChainFed beats Full Adapters (average points, DistilBERT role)"].verdict != claims.NOT_RUN
+
+
+def test_convergence_claims_pool_every_paired_run_with_a_range_over_seeds(tmp_path):
+    """Speed-up and communication reduction come from Table 1's paired runs (one ratio per cell
+    and seed): geometric mean, range at ± 2 SE of the log over seeds; a range across 1 is
+    "not distinguishable", one wholly above 1 "reproduced"; without Table 1, Table 2's τ = 0.8."""
+    import math
+
+    import pandas as pd
+
+    from chainfed_core import claims, tables
+
+    def write(artefact, runs):
+        where = tmp_path / "results" / artefact / "p"
+        where.mkdir(parents=True)
+        (where / "summary.json").write_text(json.dumps({"runs": runs}))
+
+    def run(variant, seed, dataset, speedup, comm):
+        return {"variant": variant, "model": "m", "dataset": dataset, "partition": "iid", "seed": seed,
+                "status": "complete", "speedup": speedup, "comm_reduction": comm}
+
+    write("table2_threshold", [run("tau=0.8", 0, "d", 4.0, 4.0)])
+    rows = claims.convergence_claims("p", repo=tmp_path)
+    assert rows[0].ours == "4.00x (1 seed, 1 run)" and rows[0].verdict == claims.UNCLEAR
+    assert rows[0].record == "results/table2_threshold/p/summary.json"
+    table1 = [run("ChainFed", s, d, sp, c) for s, d, sp, c in [(0, "a", 0.5, 3.0), (0, "b", 2.0, 3.0),
+                                                                (1, "a", 1.2, 2.9), (1, "b", 1.0, 3.1),
+                                                                (2, "a", 0.9, 3.0), (2, "b", 1.1, 3.0)]]
+    write("table1_main_results", table1 + [run("Full Adapters", 0, "a", 1.0, 1.0)])
+    ratio, _, seeds, n = tables.paired_ratio(pd.DataFrame(table1), "ChainFed", "speedup")
+    per_seed = [0.0, math.log(1.2) / 2, (math.log(0.9) + math.log(1.1)) / 2]
+    assert (seeds, n) == (3, 6) and math.isclose(ratio, math.exp(sum(per_seed) / 3))
+    speed, comm = claims.convergence_claims("p", repo=tmp_path)
+    assert speed.record == "results/table1_main_results/p/summary.json" and "(3 seeds, 6 runs)" in speed.ours
+    assert speed.verdict == claims.UNCLEAR and comm.verdict == claims.REPRODUCED
+    assert comm.ours.startswith("3.00x [")
