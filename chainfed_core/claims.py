@@ -192,20 +192,16 @@ def convergence_claims(profile: str, repo: Path = REPO) -> list[Claim]:
     1's runs (ChainFed at its default τ = 0.8, every cell and seed), else Table 2's τ = 0.8 runs.
     Geometric mean with its range at ± 2 SE of the log ratio (:func:`~chainfed_core.tables.paired_ratio`);
     "reproduced" when the whole range lies above 1, "not reproduced" when below."""
-    sources = [("table1_main_results", "ChainFed"), ("table2_threshold", "tau=0.8")]
+    sources = [(*_runs(artefact, profile, repo), variant)          # each summary read once
+               for artefact, variant in [("table1_main_results", "ChainFed"), ("table2_threshold", "tau=0.8")]]
     rows = []
     for col, key, label in [("speedup", "appH2_speedup_agnews", "Table 2 / App. H: ChainFed (τ=0.8) converges faster"),
                             ("comm_reduction", "appH2_comm_reduction_max", "Table 2 / App. H: ChainFed (τ=0.8) communicates less")]:
         p = paper.TEXT[key].value
-        found = None
-        for artefact, variant in sources:
-            df, where = _runs(artefact, profile, repo)
-            ratio, se, seeds, n = paired_ratio(df, variant, col) if df is not None else (math.nan, math.nan, 0, 0)
-            if n:
-                found = ratio, se, seeds, n, where
-                break
+        measured = [(*paired_ratio(df, variant, col), where) for df, where, variant in sources if df is not None]
+        found = next((m for m in measured if m[3]), None)           # the first source with a paired run
         if found is None:
-            rows.append(Claim(label, f"{p}x", NOT_RUN, f"results/{sources[0][0]}/{profile}/summary.json", NOT_RUN))
+            rows.append(Claim(label, f"{p}x", NOT_RUN, sources[0][1], NOT_RUN))
             continue
         ratio, se, seeds, n, where = found
         runs = f"{seeds} seed{'s' if seeds > 1 else ''}, {n} run{'s' if n > 1 else ''}"

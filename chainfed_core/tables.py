@@ -152,12 +152,12 @@ def paired_ratio(df, variant: str, col: str) -> tuple[float, float, int, int]:
     the SE over its cells. Returns (ratio, SE of log ratio, seeds, runs); NaN where none has it."""
     import numpy as np
 
-    rows = df[(df["variant"] == variant)] if col in df else df.iloc[:0]
-    logs = rows.assign(log=np.log(rows[col].astype(float)) if len(rows) else []).dropna(subset=["log"])
-    if logs.empty:
+    rows = df.loc[df["variant"] == variant, ["seed", col]].dropna() if col in df else df.iloc[:0]
+    if rows.empty:
         return math.nan, math.nan, 0, 0
-    per_seed = logs.groupby("seed")["log"].mean()
-    spread = per_seed if len(per_seed) > 1 else logs["log"]
+    logs = np.log(rows[col].astype(float))
+    per_seed = logs.groupby(rows["seed"]).mean()
+    spread = per_seed if len(per_seed) > 1 else logs
     se = float(spread.std(ddof=1) / math.sqrt(len(spread))) if len(spread) > 1 else math.nan
     return float(np.exp(per_seed.mean())), se, len(per_seed), len(logs)
 
