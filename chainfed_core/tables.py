@@ -132,17 +132,12 @@ def paired_difference(df, a: str, b: str) -> tuple[float, float, int]:
     if a not in pivot or b not in pivot:
         return math.nan, math.nan, 0
     pivot = pivot.dropna()
-    per_seed = (pivot[a] - pivot[b]).groupby(level="seed").mean() * 100
-    n = len(per_seed)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n > 1:
-        return float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n)), n
-    tests = df.set_index(cells)["test_examples"] if "test_examples" in df else None
-    if tests is None:
-        return float(per_seed.mean()), math.nan, 1
+    mean, se, n = _mean_se((pivot[a] - pivot[b]).groupby(level="seed").mean() * 100)
+    if n != 1 or "test_examples" not in df:
+        return mean, se, n
+    tests = df.set_index(cells)["test_examples"]
     var = [(pa * (1 - pa) + pb * (1 - pb)) / tests.loc[k].max() for k, pa, pb in zip(pivot.index, pivot[a], pivot[b])]
-    return float(per_seed.mean()), 100 * math.sqrt(sum(var)) / len(var), 1
+    return mean, 100 * math.sqrt(sum(var)) / len(var), 1
 
 
 def paired_ratio(df, variant: str, col: str) -> tuple[float, float, int, int]:
@@ -156,10 +151,18 @@ def paired_ratio(df, variant: str, col: str) -> tuple[float, float, int, int]:
     if rows.empty:
         return math.nan, math.nan, 0, 0
     logs = np.log(rows[col].astype(float))
-    per_seed = logs.groupby(rows["seed"]).mean()
-    spread = per_seed if len(per_seed) > 1 else logs
-    se = float(spread.std(ddof=1) / math.sqrt(len(spread))) if len(spread) > 1 else math.nan
-    return float(np.exp(per_seed.mean())), se, len(per_seed), len(logs)
+    mean, se, n = _mean_se(logs.groupby(rows["seed"]).mean())
+    if n == 1:
+        se = _mean_se(logs)[1]
+    return float(np.exp(mean)), se, n, len(logs)
+
+
+def _mean_se(values) -> tuple[float, float, int]:
+    """Mean of a series, its standard error (NaN below two values) and its length."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan, n
 
 
 def seed_curves(df, by: Sequence[str] = ("variant", "dataset", "partition")):
